@@ -1,0 +1,31 @@
+# Two commands for a new user: `make demo` and `make test`. Both create/refresh .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= workdirs/demo
+# Tests run in parallel on the machine's cores (2 on the reference machine).
+PYTEST_WORKERS ?= auto
+
+.PHONY: demo test install bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m emonet_jax.main --config=configs/hq.py:demo --workdir=$(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
+
+bench: $(STAMP)
+	$(PY) -m emonet_jax.bench pipeline
+
+clean:
+	rm -rf $(VENV) workdirs .pytest_cache
