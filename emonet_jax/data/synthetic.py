@@ -1,0 +1,269 @@
+"""Synthetic EmoNet-Face: a small world where the true emotions are known.
+
+Each image has latent intensities for the 40 emotions (a few dominant ones, some faint).
+`faces.render_face` draws a face whose expression is a fixed linear function of them;
+demographics change appearance only. Raters then label the picture the way the real data
+was labelled:
+
+* experts (HQ, 4 of 8 per image) perceive the latent intensities, except that emotions the
+  renderer draws alike (profiles with cosine > ALIKE_COSINE) cannot be told apart, so a
+  rater may swap them; each rater adds a personal bias and noise and rounds to 0..7. Agreement
+  therefore varies by emotion, as it does in the real data;
+* the VLM (Big) does the same with more noise, a per-emotion bias and more swaps;
+* Binary experts vote present/absent on two emotions per image with the real protocol's
+  shapes of (votes, yes): (1,0), (1,1), (2,1), (3,2), (3,3).
+
+`write_split` stores the rows as parquet in one of the layouts observed on the Hugging Face
+Hub (see `sources.SCHEMAS`) so that the builders' real code paths run on them.
+Everything is a deterministic function of the seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import pathlib
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from emonet_jax import labels as labels_lib
+from emonet_jax import taxonomy
+from emonet_jax.data import faces, sources
+
+ETHNICITIES = ("African", "East Asian", "South Asian", "Caucasian", "Hispanic", "Middle Eastern")
+GENDERS = ("female", "male")
+AGES = ("young adult", "adult", "middle-aged", "elderly")
+NUM_EXPERTS = 8
+EXPERTS_PER_IMAGE = 4
+BINARY_ANNOTATORS = tuple(f"human-{i}" for i in range(1, 8))
+ALIKE_COSINE = 0.95
+MAX = labels_lib.MAX_INTENSITY
+
+
+@dataclasses.dataclass(frozen=True)
+class RaterModel:
+    noise: tuple[float, float]      # per-rater noise std, drawn uniformly from this range
+    bias: float                     # per-rater offset, uniform in [-bias, bias]
+    emotion_bias: float             # per-emotion offset shared by all raters of this kind
+    swap: float                     # chance to swap alike emotions, per image and group
+
+
+EXPERT = RaterModel(noise=(0.4, 0.9), bias=0.4, emotion_bias=0.0, swap=0.3)
+VLM = RaterModel(noise=(1.3, 1.3), bias=0.0, emotion_bias=0.8, swap=0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    image_id: str
+    latent: np.ndarray               # float [40] in 0..7
+    demographics: dict[str, str]
+    png: bytes
+    prompt: str
+    prompted: int                    # index of the emotion the prompt asked for
+
+
+def alike_groups(matrix: np.ndarray | None = None) -> list[list[int]]:
+    """Groups (size > 1) of emotions the renderer draws alike."""
+    if matrix is None:
+        matrix = faces.expression_matrix(taxonomy.NAMES)
+    unit = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-9)
+    close = unit @ unit.T > ALIKE_COSINE
+    groups, seen = [], set()
+    for i in range(len(matrix)):
+        if i in seen:
+            continue
+        group = sorted(set(np.nonzero(close[i])[0].tolist()) - seen)
+        seen.update(group)
+        if len(group) > 1:
+            groups.append(group)
+    return groups
+
+
+def sample_latent(rng: np.random.Generator) -> np.ndarray:
+    latent = np.zeros(taxonomy.NUM_EMOTIONS)
+    dominant = rng.choice(taxonomy.NUM_EMOTIONS, size=rng.integers(1, 4), replace=False)
+    latent[dominant] = rng.uniform(2.5, MAX, size=len(dominant))
+    faint = rng.random(taxonomy.NUM_EMOTIONS) < 0.08
+    latent[faint & (latent == 0)] = rng.uniform(0.5, 2.0, size=(faint & (latent == 0)).sum())
+    return latent
+
+
+def images(num: int, seed: int, size: int, id_offset: int = 0) -> Iterator[Image]:
+    """Streams `num` synthetic images (PNG, size x size), deterministic per seed."""
+    matrix = faces.expression_matrix(taxonomy.NAMES)
+    for i in range(num):
+        rng = np.random.default_rng([seed, id_offset + i])
+        latent = sample_latent(rng)
+        demo = {"ethnicity": str(rng.choice(ETHNICITIES)), "gender": str(rng.choice(GENDERS)),
+                "age": str(rng.choice(AGES))}
+        face = faces.render_face(faces.expression_params(latent, matrix), demo, size, rng)
+        buf = io.BytesIO()
+        face.save(buf, format="PNG")
+        prompted = int(np.argmax(latent))
+        prompt = (f"A close-up photo of a {demo['age']} {demo['ethnicity']} {demo['gender']} person "
+                  f"showing {taxonomy.NAMES[prompted].lower()}")
+        yield Image(f"{id_offset + i:05d}", latent, demo, buf.getvalue(), prompt, prompted)
+
+
+class Raters:
+    """A panel of simulated raters of one `RaterModel`."""
+
+    def __init__(self, model: RaterModel, names: tuple[str, ...], seed: int):
+        rng = np.random.default_rng([seed, 7919])
+        self.model, self.names = model, names
+        self.noise = rng.uniform(*model.noise, size=len(names))
+        self.bias = rng.uniform(-model.bias, model.bias, size=len(names))
+        self.emotion_bias = rng.uniform(-model.emotion_bias, model.emotion_bias, size=taxonomy.NUM_EMOTIONS)
+        self.groups = alike_groups()
+
+    def perceive(self, latent: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        perceived = latent.copy()
+        for group in self.groups:
+            if rng.random() < self.model.swap:
+                perceived[group] = perceived[rng.permutation(group)]
+        return perceived
+
+    def rate(self, rater: int, latent: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Integer ratings 0..7 of all 40 emotions by one rater."""
+        seen = self.perceive(latent, rng) + self.bias[rater] + self.emotion_bias
+        noisy = seen + rng.normal(0, self.noise[rater], size=seen.shape)
+        # Most raters leave an emotion they don't see at 0 rather than 1.
+        noisy = np.where(latent + rng.normal(0, 0.5, size=seen.shape) < 0.6, np.minimum(noisy, 0.4), noisy)
+        return np.clip(np.round(noisy), 0, MAX).astype(int)
+
+
+def expert_ratings(image: Image, experts: Raters, seed: int) -> dict[str, dict[str, int]]:
+    rng = np.random.default_rng([seed, int(image.image_id), 1])
+    chosen = sorted(rng.choice(len(experts.names), size=EXPERTS_PER_IMAGE, replace=False))
+    out = {}
+    for r in chosen:
+        scores = experts.rate(r, image.latent, rng)
+        out[experts.names[r]] = {taxonomy.key_of(e): int(v) for e, v in enumerate(scores)}
+        out[experts.names[r]].update(extra_ratings(image.latent, rng))
+    return out
+
+
+def extra_ratings(latent: np.ndarray, rng: np.random.Generator) -> dict[str, int]:
+    """Valence/arousal/dominance/vulnerability, loosely tied to the emotion families."""
+    families = np.array([taxonomy.FAMILIES.index(e.family) for e in taxonomy.EMOTIONS])
+    positive = latent[families <= 1].sum() - latent[(families == 2) | (families == 3)].sum()
+    out = {}
+    for d, raw in zip(taxonomy.EXTRA_DIMENSIONS,
+                      (positive / 4, latent.max() * 0.8, positive / 6, latent[families == 3].sum() / 3)):
+        out[taxonomy.extra_key_of(d.index)] = int(np.clip(np.round(raw + rng.normal(0, 0.5)), d.low, d.high))
+    return out
+
+
+def vlm_ratings(image: Image, vlm: Raters, seed: int) -> dict[str, int]:
+    rng = np.random.default_rng([seed, int(image.image_id), 2])
+    return {taxonomy.key_of(e): int(v) for e, v in enumerate(vlm.rate(0, image.latent, rng))}
+
+
+def binary_votes(image: Image, seed: int) -> list[tuple[str, str, bool]]:
+    """(annotator, emotion name, present?) on the prompted emotion and one other.
+
+    The protocol reproduces the published shapes: a first vote; a "present" may be
+    accepted alone, or confirmed by a second expert and, if confirmed, by a third.
+    """
+    rng = np.random.default_rng([seed, int(image.image_id), 3])
+    other = rng.choice([e for e in range(taxonomy.NUM_EMOTIONS) if e != image.prompted])
+    votes = []
+    for emotion in (image.prompted, int(other)):
+        p = 1 / (1 + np.exp(-1.6 * (image.latent[emotion] - 2.5)))
+        annotators = rng.permutation(BINARY_ANNOTATORS)
+        name = taxonomy.NAMES[emotion]
+        first = bool(rng.random() < p)
+        votes.append((annotators[0], name, first))
+        if not first or rng.random() < 0.17:
+            continue
+        second = bool(rng.random() < p)
+        votes.append((annotators[1], name, second))
+        if second:
+            votes.append((annotators[2], name, bool(rng.random() < p)))
+    return votes
+
+
+# ---------------------------------------------------------------------------
+# Parquet in the Hugging Face layouts.
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+DEMOGRAPHICS_TYPE = pa.struct([(k, pa.string()) for k in sources.DEMOGRAPHICS])
+
+
+def _table(kind: str, schema: sources.Schema, rows: list[dict]) -> pa.Table:
+    image_column = schema.image_column
+    columns = {image_column: pa.array([r["image"] for r in rows], IMAGE_TYPE)}
+    if schema is sources.CARD:
+        columns["prompt"] = pa.array([r["prompt"] for r in rows], pa.string())
+        columns["demographics"] = pa.array([r["demographics"] for r in rows], DEMOGRAPHICS_TYPE)
+        columns["annotations"] = pa.array([json.dumps(r["annotations"]) for r in rows], pa.string())
+    elif schema is sources.PATH_LABEL:
+        # The HQ parquet holds a Python-literal list of one-rater dicts.
+        columns["label"] = pa.array([repr([{k: v} for k, v in r["annotations"].items()]) for r in rows])
+    else:
+        columns["emotion"] = pa.array([r["prompted"] for r in rows], pa.int64())
+    return pa.table(columns)
+
+
+def _row(kind: str, schema: sources.Schema, image: Image, experts: Raters, vlm: Raters, seed: int) -> dict:
+    # The path-only Binary layout names images by row number, as binary.csv does.
+    file_name = "" if schema is sources.PATH_EMOTION else f"{image.image_id}.png"
+    row = {"image": {"bytes": image.png, "path": file_name}, "prompt": image.prompt,
+           "demographics": image.demographics, "prompted": image.prompted}
+    if kind == "hq":
+        row["annotations"] = expert_ratings(image, experts, seed)
+    elif kind == "big":
+        row["annotations"] = {"vlm": vlm_ratings(image, vlm, seed)} if schema is sources.PATH_LABEL \
+            else vlm_ratings(image, vlm, seed)
+    else:
+        row["votes"] = binary_votes(image, seed)
+        row["annotations"] = [{"annotator": a, "emotion": e, "value": v} for a, e, v in row["votes"]]
+    return row
+
+
+def write_split(out_dir, kind: str, num: int, *, seed: int = 0, size: int = 128,
+                schema: str = "card", rows_per_shard: int = 256) -> dict:
+    """Writes `num` synthetic rows of `kind` as parquet shards in `out_dir`.
+
+    Also writes `truth.npz` (image ids and latent intensities, for checking models) and,
+    for Binary, `binary.csv` in the published layout (with 'Hopelessness' for
+    Helplessness, as published). Returns a summary.
+    """
+    layout = {s.name: s for s in sources.SCHEMAS[kind]}.get(schema)
+    if layout is None:
+        raise ValueError(f"{kind} has no {schema!r} layout; choose one of {[s.name for s in sources.SCHEMAS[kind]]}")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    experts = Raters(EXPERT, tuple(f"expert-{i}" for i in range(1, NUM_EXPERTS + 1)), seed)
+    vlm = Raters(VLM, ("vlm",), seed + 1)
+    ids, latents, votes, shard, rows = [], [], [], 0, []
+    kind_seed = seed * 1000 + ("hq", "binary", "big").index(kind)
+
+    def flush():
+        nonlocal shard, rows
+        if rows:
+            pq.write_table(_table(kind, layout, rows), out / f"{kind}-{shard:05d}.parquet")
+            shard, rows = shard + 1, []
+
+    for image in images(num, kind_seed, size):
+        row = _row(kind, layout, image, experts, vlm, kind_seed)
+        ids.append(image.image_id)
+        latents.append(image.latent)
+        votes += [(image.image_id, a, v, e) for a, e, v in row.get("votes", ())]
+        rows.append(row)
+        if len(rows) == rows_per_shard:
+            flush()
+    flush()
+    np.savez(out / "truth.npz", image_id=np.array(ids), latent=np.array(latents, np.float32))
+    if kind == "binary":
+        with open(out / "binary.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(labels_lib.BINARY_CSV_COLUMNS)
+            for image_id, annotator, value, emotion in votes:
+                writer.writerow([image_id, annotator, value, "Hopelessness" if emotion == "Helplessness" else emotion])
+    return {"kind": kind, "schema": schema, "rows": num, "shards": shard, "dir": str(out)}

@@ -1,0 +1,1 @@
+from tfds_builders.emonet_face_big.emonet_face_big_dataset_builder import Builder

@@ -1,0 +1,1 @@
+from tfds_builders.emonet_face_binary.emonet_face_binary_dataset_builder import Builder

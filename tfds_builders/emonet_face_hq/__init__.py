@@ -1,0 +1,1 @@
+from tfds_builders.emonet_face_hq.emonet_face_hq_dataset_builder import Builder
