@@ -1,0 +1,188 @@
+"""Input pipeline: prepared records -> grain -> global `jax.Array` batches on the mesh.
+
+Reading uses `tfds.data_source` (array_record, random access, no TensorFlow). Every step
+below is a pure function of (seed, example index), so a run is reproducible whatever the
+number of grain workers, and the iterator state is a single index that the trainer
+checkpoints for an exact resume:
+
+  source --[process p keeps rows p, p+P, ...]--> shuffle(seed, per epoch) --> repeat
+         --> decode + augment (random resized crop, flip; rng per example) --> batch
+         --> [optional worker processes] --> make_array_from_process_local_data
+
+Evaluation visits every row exactly once across processes; the last batch is padded, and
+`mask` says which rows are real, so all processes run the same number of batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+from PIL import Image
+
+# Fields that become arrays on the device; strings (ids, prompts, demographics) stay on host.
+LABEL_FIELDS = (
+    "ratings", "rater_mask", "soft_label", "soft_label_mask", "mean_intensity", "extra", "extra_mask",
+    "binary_votes", "binary_yes", "binary_target", "binary_present", "binary_mask")
+HOST_FIELDS = ("image_id",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Random resized crop (Inception-style) and horizontal flip."""
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+
+
+def open_split(name: str, split: str, data_dir) -> Any:
+    """Random-access source over prepared records, e.g. ('emonet_face_hq/224', 'test')."""
+    return tfds.data_source(name, split=split, data_dir=str(data_dir))
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1] (SigLIP's preprocessing)."""
+    return image.astype(np.float32) * (2 / 255) - 1
+
+
+def _resize(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box))
+
+
+def random_resized_crop_box(height: int, width: int, rng: np.random.Generator, augment: Augment):
+    """(left, top, right, bottom) covering `scale` of the area with aspect in `ratio`."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*augment.scale)
+        aspect = math.exp(rng.uniform(math.log(augment.ratio[0]), math.log(augment.ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.integers(0, width - w + 1), rng.integers(0, height - h + 1)
+            return int(left), int(top), int(left + w), int(top + h)
+    return 0, 0, width, height
+
+
+def central_crop_box(height: int, width: int, fraction: float):
+    h, w = round(height * fraction), round(width * fraction)
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def _select(example: Mapping[str, Any], image: np.ndarray) -> dict[str, np.ndarray]:
+    out = {"image": to_unit_range(image)}
+    out.update({k: np.asarray(example[k]) for k in LABEL_FIELDS})
+    # Text features come back as bytes; ids are more useful as str on the host.
+    out.update({k: np.asarray(_text(example[k]), dtype=object) for k in HOST_FIELDS})
+    return out
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def train_transform(example, rng: np.random.Generator, *, image_size: int, augment: Augment):
+    image = example["image"]
+    box = random_resized_crop_box(image.shape[0], image.shape[1], rng, augment)
+    image = _resize(image, box, image_size)
+    if augment.flip and rng.random() < 0.5:
+        image = image[:, ::-1]
+    return _select(example, image)
+
+
+def eval_transform(example, *, image_size: int, crop: float):
+    image = example["image"]
+    image = _resize(image, central_crop_box(image.shape[0], image.shape[1], crop), image_size)
+    return _select(example, image)
+
+
+def _finish(ds: grain.MapDataset, num_workers: int, threads: int) -> grain.IterDataset:
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
+    if num_workers > 0:
+        # grain's workers read absl flags; outside an absl app (tests, notebooks) they are
+        # unparsed, which would crash the workers. Defaults are what we want there.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it
+
+
+def process_rows(num_rows: int, process_index: int, process_count: int) -> np.ndarray:
+    """Row indices a process trains on: disjoint across processes, together all rows
+    except at most `process_count - 1` from the end (so every process has as many)."""
+    usable = num_rows - num_rows % process_count
+    return np.arange(process_index, usable, process_count)
+
+
+def train_dataset(source, *, global_batch_size: int, image_size: int, seed: int,
+                  augment: Augment = Augment(), process_index: int | None = None,
+                  process_count: int | None = None, num_workers: int = 0,
+                  threads: int = 8) -> grain.IterDataset:
+    """Infinite, shuffled, augmented batches of this process's share of `source`."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+    rows = process_rows(len(source), process_index, process_count)
+    if len(rows) == 0:
+        raise ValueError(f"split of {len(source)} rows leaves nothing for process {process_index} of {process_count}")
+    ds = grain.MapDataset.range(len(rows)).map(lambda i: source[int(rows[i])])
+    ds = ds.shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(lambda x, rng: train_transform(x, rng, image_size=image_size, augment=augment), seed=seed)
+    ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+    return _finish(ds, num_workers, threads)
+
+
+def eval_positions(num_rows: int, global_batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+    """Global row positions a process evaluates, batch by batch ([num_batches * local]).
+
+    In global batch b, process p takes positions b*B + p*L ... b*B + (p+1)*L - 1
+    (L = B / P). Positions >= num_rows are padding.
+    """
+    local = global_batch_size // process_count
+    num_batches = max(1, math.ceil(num_rows / global_batch_size))
+    batch = np.arange(num_batches)[:, None] * global_batch_size
+    return (batch + process_index * local + np.arange(local)[None, :]).reshape(-1)
+
+
+def eval_dataset(source, *, global_batch_size: int, image_size: int, crop: float = 0.875,
+                 process_index: int | None = None, process_count: int | None = None,
+                 num_workers: int = 0, threads: int = 8) -> grain.IterDataset:
+    """One pass over `source` in padded batches with a boolean `mask`."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+    n = len(source)
+    positions = eval_positions(n, global_batch_size, process_index, process_count)
+
+    def load(i):
+        position = int(positions[i])
+        out = eval_transform(source[min(position, n - 1)], image_size=image_size, crop=crop)
+        out["mask"] = np.asarray(position < n)
+        return out
+
+    ds = grain.MapDataset.range(len(positions)).map(load)
+    ds = ds.batch(global_batch_size // process_count, drop_remainder=False)
+    return _finish(ds, num_workers, threads)
+
+
+def device_batch(local: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded along the batch; host fields are dropped."""
+    return {k: jax.make_array_from_process_local_data(sharding, v)
+            for k, v in local.items() if k not in HOST_FIELDS}
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, batch_axes=("data",)) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
+
+
+def batches(dataset: grain.IterDataset, sharding) -> Iterator[dict[str, jax.Array]]:
+    for local in dataset:
+        yield device_batch(local, sharding)
