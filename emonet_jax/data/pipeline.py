@@ -113,6 +113,15 @@ def _finish(ds: grain.MapDataset, num_workers: int, threads: int) -> grain.IterD
     return it
 
 
+def _process(index: int | None, count: int | None, global_batch_size: int) -> tuple[int, int]:
+    """This process's (index, count), defaulting to JAX's, checked against the batch size."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    if global_batch_size % count:
+        raise ValueError(f"global batch {global_batch_size} is not divisible by {count} processes")
+    return index, count
+
+
 def process_rows(num_rows: int, process_index: int, process_count: int) -> np.ndarray:
     """Row indices a process trains on: disjoint across processes, together all rows
     except at most `process_count - 1` from the end (so every process has as many)."""
@@ -125,10 +134,7 @@ def train_dataset(source, *, global_batch_size: int, image_size: int, seed: int,
                   process_count: int | None = None, num_workers: int = 0,
                   threads: int = 8) -> grain.IterDataset:
     """Infinite, shuffled, augmented batches of this process's share of `source`."""
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    if global_batch_size % process_count:
-        raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+    process_index, process_count = _process(process_index, process_count, global_batch_size)
     rows = process_rows(len(source), process_index, process_count)
     if len(rows) == 0:
         raise ValueError(f"split of {len(source)} rows leaves nothing for process {process_index} of {process_count}")
@@ -155,10 +161,7 @@ def eval_dataset(source, *, global_batch_size: int, image_size: int, crop: float
                  process_index: int | None = None, process_count: int | None = None,
                  num_workers: int = 0, threads: int = 8) -> grain.IterDataset:
     """One pass over `source` in padded batches with a boolean `mask`."""
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    if global_batch_size % process_count:
-        raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+    process_index, process_count = _process(process_index, process_count, global_batch_size)
     n = len(source)
     positions = eval_positions(n, global_batch_size, process_index, process_count)
 

@@ -75,7 +75,7 @@ def file_schema(kind: Kind, path) -> Schema:
 @dataclasses.dataclass(frozen=True)
 class Row:
     index: int                  # position over all shards, in file order
-    source: str                 # 'file.parquet:row'
+    source: str                 # 'file.parquet:row', row counted within that file
     values: Mapping[str, Any]
 
 
@@ -86,10 +86,12 @@ def iter_rows(files: Sequence, schema: Schema, batch_size: int = 16) -> Iterator
         parquet = pq.ParquetFile(path)
         names = parquet.schema_arrow.names
         columns = [c for c in names if c in set(schema.columns) | {"image_id", "id"}]
+        local = 0
         for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
             for values in batch.to_pylist():
-                yield Row(index, f"{pathlib.Path(path).name}:{index}", values)
+                yield Row(index, f"{pathlib.Path(path).name}:{local}", values)
                 index += 1
+                local += 1
 
 
 # ---------------------------------------------------------------------------
