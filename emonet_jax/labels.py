@@ -135,6 +135,8 @@ def rating_labels(per_rater: Mapping[str, Mapping[str, Any]], *, integer: bool =
                 raise LabelError(f"{what}: emotion {taxonomy.NAMES[parsed.index]!r} is rated twice")
             ratings[r, parsed.index] = _intensity(value, what, integer)
     valid = ratings >= 0
+    if not valid.any():
+        raise LabelError(f"raters {raters} rated no emotion")
     extra_mask = ~np.isnan(extra).all(axis=0)
     return RatingLabels(
         ratings=np.where(valid, np.round(ratings), -1).astype(np.int32) if integer

@@ -79,8 +79,8 @@ def describe(builder) -> dict:
     info = builder.info
     return {"name": f"{info.name}/{info.config_name}", "dir": str(builder.data_dir),
             "splits": {name: split.num_examples for name, split in info.splits.items()},
-            "schema": info.metadata.get("schema"), "bad_rows": {
-                name: entry["count"] for name, entry in (info.metadata.get("bad_rows") or {}).items()}}
+            "schema": info.metadata.get("schema"),
+            "bad_rows": (info.metadata.get("bad_rows") or {}).get("count")}
 
 
 FLAGS = flags.FLAGS
