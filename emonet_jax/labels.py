@@ -139,8 +139,9 @@ def rating_labels(per_rater: Mapping[str, Mapping[str, Any]], *, integer: bool =
         raise LabelError(f"raters {raters} rated no emotion")
     extra_mask = ~np.isnan(extra).all(axis=0)
     return RatingLabels(
-        ratings=np.where(valid, np.round(ratings), -1).astype(np.int32) if integer
-        else np.where(valid, np.floor(ratings), -1).astype(np.int32),
+        # Experts' ratings are whole already; a fractional VLM rating keeps its floor here
+        # (the soft label and the mean keep the fraction).
+        ratings=np.where(valid, np.floor(ratings), -1).astype(np.int32),
         rater_mask=np.arange(MAX_RATERS) < len(raters),
         raters=tuple(raters) + ("",) * (MAX_RATERS - len(raters)),
         soft_label=soft_label(ratings, valid),
