@@ -65,9 +65,7 @@ def _augment_only(source, size, seed, batch, threads):
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
 
     def transform(x, rng):
-        image = x["image"]
-        box = pipeline.random_resized_crop_box(image.shape[0], image.shape[1], rng, pipeline.Augment())
-        return pipeline.to_unit_range(pipeline._resize(image, box, size))
+        return pipeline.to_unit_range(pipeline.augment_image(x["image"], rng, size, pipeline.Augment()))
 
     ds = ds.random_map(transform, seed=seed).batch(batch, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))

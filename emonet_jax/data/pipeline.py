@@ -87,13 +87,17 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def train_transform(example, rng: np.random.Generator, *, image_size: int, augment: Augment):
-    image = example["image"]
+def augment_image(image: np.ndarray, rng: np.random.Generator, image_size: int, augment: Augment) -> np.ndarray:
+    """Random resized crop to image_size, then a random flip (uint8 in, uint8 out)."""
     box = random_resized_crop_box(image.shape[0], image.shape[1], rng, augment)
     image = _resize(image, box, image_size)
     if augment.flip and rng.random() < 0.5:
         image = image[:, ::-1]
-    return _select(example, image)
+    return image
+
+
+def train_transform(example, rng: np.random.Generator, *, image_size: int, augment: Augment):
+    return _select(example, augment_image(example["image"], rng, image_size, augment))
 
 
 def eval_transform(example, *, image_size: int, crop: float):
