@@ -425,8 +425,10 @@ def test_fast_csv_split_equals_the_csv_module(tmp_path):
     rows.append({"image": 'with "quote", comma', "annotator": "b", "human": True, "annotations": {}})
     text = agreement.write_hq_csv(rows, tmp_path / "hq.csv").read_text()
     assert agreement._split_simple_csv(text, 4) is None                  # a quoted leading field: slow path
-    simple = text.rsplit("\n", 2)[0] + "\n"
-    assert agreement._split_simple_csv(simple, 4) == agreement._split_csv(simple)
+    simple = text.rsplit("\n", 2)[0] + "\n" + '9,json,True,"{""a"": 1, ""b"": """"}"\n\n10,x,False,{}\n'
+    fast = agreement._split_simple_csv(simple, 4)
+    assert fast == agreement._split_csv(simple) and fast[-2][1][3] == '{"a": 1, "b": ""}' and fast[-1][0] == simple.count("\n")
+    assert agreement._split_simple_csv(simple + '11,y,True,"{""a"" "b"}"\n', 4) is None   # a lone quote
 
 
 def test_hume_rescale_default_and_option(tmp_path):
