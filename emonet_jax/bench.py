@@ -1,22 +1,37 @@
 """Benchmarks; each prints one JSON object on stdout.
 
     python -m emonet_jax.bench pipeline [--images=64 --batch=32 --steps=20 --threads=2]
+    python -m emonet_jax.bench agreement [--hq_images=2500 --hq_models=14]
 
 `pipeline`: images/s of the training input pipeline at 224 px (random resized crop + flip,
 values in [-1, 1]) reading prepared 224 px records, against the same pipeline decoding the
 1024x1024 PNG originals (what training straight from the Hugging Face parquet would do).
 Both run through identical grain code with the same threads; the originals are synthetic
 faces rendered at 1024 px, PNG-encoded like the real ones.
+
+`agreement`: seconds for the whole HQ agreement evaluation (a subprocess running
+`python -m emonet_jax.evaluate.agreement` with every output: JSON, tables, CSV, figures) on a
+synthetic hq.csv of the published size (2,500 images, 8 experts with 4 per image, 14 model
+annotators: 45,000 rows), against `reference_mean_kappas`, the same κ protocol written the
+straightforward way (pandas + a scikit-learn call per rater pair and emotion), timed in this
+process after pandas and scikit-learn are imported. Checks that both give the same mean κ of
+every annotator (to 1e-9).
 """
 
 from __future__ import annotations
 
+import ast
+import fnmatch
 import io
+import itertools
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import tempfile
 import time
+import warnings
 
 import grain
 import numpy as np
@@ -24,6 +39,7 @@ import pyarrow.parquet as pq
 from absl import app, flags
 from PIL import Image
 
+from emonet_jax import taxonomy
 from emonet_jax.data import pipeline, prepare, synthetic
 
 FLAGS = flags.FLAGS
@@ -33,6 +49,8 @@ flags.DEFINE_integer("steps", 20, "Timed batches (after 2 warm-up batches).")
 flags.DEFINE_integer("threads", 2, "grain reader threads (the reference machine has 2 cores).")
 flags.DEFINE_integer("image_size", 224, "Training resolution.")
 flags.DEFINE_string("cache", os.path.join(tempfile.gettempdir(), "emonet_bench"), "Scratch dir.")
+flags.DEFINE_integer("hq_images", 2500, "agreement: synthetic HQ images (the published HQ has 2,500).")
+flags.DEFINE_integer("hq_models", 14, "agreement: model annotators (the published hq.csv has 14).")
 
 
 class PngSource:
@@ -89,7 +107,91 @@ def bench_pipeline() -> dict:
             "original_png_images_per_s": round(png_rate, 1), "speedup": round(records_rate / png_rate, 2)}
 
 
-BENCHMARKS = {"pipeline": bench_pipeline}
+def reference_mean_kappas(csv_path, rescale=("Hume Face*",)) -> dict[str, float]:
+    """Each annotator's mean κ, the straightforward way: pandas + one scikit-learn call per pair.
+
+    The protocol of `emonet_jax.evaluate.agreement`: 'Hume Face*' ratings x 7; a missing key is
+    missing; level = int(rating) clipped to 0..7; κ per emotion and rater pair over the images
+    both rated; a rater's κ per emotion = mean over the (other) humans; mean over the emotions.
+    """
+    import pandas as pd
+    from sklearn.metrics import cohen_kappa_score
+
+    df = pd.read_csv(csv_path, dtype={"image": str, "annotator": str})
+    column = {}                                        # 'Family|Emotion' -> emotion name, None for extras
+
+    def emotion(key):
+        if key not in column:
+            parsed = taxonomy.parse_key(key)
+            column[key] = taxonomy.NAMES[parsed.index] if parsed.kind == "emotion" else None
+        return column[key]
+
+    records = []
+    for annotator, text in zip(df["annotator"], df["annotations"]):
+        scale = 7 if any(fnmatch.fnmatchcase(annotator, p) for p in rescale) else 1
+        records.append({emotion(k): v * scale for k, v in ast.literal_eval(text).items() if emotion(k)})
+    wide = pd.DataFrame(records, index=pd.MultiIndex.from_arrays([df["image"], df["annotator"]]))
+    names = list(dict.fromkeys(df["annotator"]))
+    humans = list(dict.fromkeys(df.loc[df["human"].astype(str) == "True", "annotator"]))
+    per_emotion = {name: [] for name in names}
+    for emotion in taxonomy.NAMES:
+        table = np.clip(np.trunc(wide[emotion].unstack("annotator")), 0, 7)   # images x annotators
+        pair = {}
+        for a, b in itertools.combinations(names, 2):
+            if a not in humans and b not in humans:
+                continue
+            both = table[[a, b]].dropna()
+            k = np.nan
+            if len(both):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")   # undefined κ: nan, as the protocol says
+                    k = cohen_kappa_score(both[a].astype(int), both[b].astype(int), weights="quadratic",
+                                          labels=list(range(8)))
+            pair[a, b] = pair[b, a] = k
+        for a in names:
+            ks = [pair[a, h] for h in humans if h != a and not np.isnan(pair[a, h])]
+            per_emotion[a].append(np.mean(ks) if ks else np.nan)
+    return {a: float(np.nanmean(v)) for a, v in per_emotion.items()}
+
+
+def bench_agreement() -> dict:
+    from emonet_jax.evaluate import agreement
+
+    models = agreement.SYNTHETIC_MODELS[:FLAGS.hq_models]
+    if len(models) < FLAGS.hq_models:
+        raise app.UsageError(f"--hq_models: at most {len(agreement.SYNTHETIC_MODELS)}")
+    load = os.getloadavg()[0]                  # a shared machine: say how busy it was
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, _ = agreement.synthetic_hq(FLAGS.hq_images, seed=0, models=models)
+        csv_path = agreement.write_hq_csv(rows, pathlib.Path(tmp) / "hq.csv")
+        out = pathlib.Path(tmp) / "out"
+        command = [sys.executable, "-m", "emonet_jax.evaluate.agreement", f"--ratings={csv_path}", f"--out={out}"]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        cli_s = time.perf_counter() - start
+        result = json.loads((out / "agreement.json").read_text())
+        outputs = sorted(p.name for p in out.iterdir())
+        import pandas  # noqa: F401  (imports outside the reference's timing)
+        import sklearn.metrics  # noqa: F401
+        start = time.perf_counter()
+        reference = reference_mean_kappas(csv_path)
+        reference_s = time.perf_counter() - start
+        table = agreement.read_annotations(csv_path)
+        start = time.perf_counter()
+        agreement.hq_agreement(table.ratings, table.names, table.human, full=False)
+        kappa_only_s = time.perf_counter() - start
+    ours = {name: a["mean_kappa"] for name, a in result["annotators"].items()}
+    diff = max(abs(ours[n] - reference[n]) for n in reference)
+    if set(ours) != set(reference) or not diff <= 1e-9:
+        raise AssertionError(f"mean κ differ from the reference by {diff}")
+    return {"benchmark": "agreement", "images": FLAGS.hq_images, "experts": synthetic.NUM_EXPERTS,
+            "experts_per_image": synthetic.EXPERTS_PER_IMAGE, "models": len(models), "rows": len(rows),
+            "cpus": os.cpu_count(), "cli_seconds": round(cli_s, 2), "reference_seconds": round(reference_s, 2),
+            "speedup": round(reference_s / cli_s, 1), "in_process_kappa_only_seconds": round(kappa_only_s, 3),
+            "max_abs_diff_mean_kappa": diff, "load_avg_1min_at_start": round(load, 2), "outputs": outputs}
+
+
+BENCHMARKS = {"pipeline": bench_pipeline, "agreement": bench_agreement}
 
 
 def main(argv):
