@@ -85,6 +85,7 @@ def test_pairwise_kappa_matches_sklearn_with_missing_fractional_and_out_of_range
                      for i in range(5)])
     assert np.isnan(got[0, 1, 0]) and np.isnan(got[2, 3, 1])
     assert_close(got, want)
+    assert_close(kappa.cross_quadratic_kappa(ratings[:2], ratings[1:]), want[:2, 1:])
 
 
 def test_readout_truncates_toward_zero_and_clips():
@@ -158,6 +159,7 @@ def test_spearman_ties_and_constants():
     a[0, 3:9], b[1, ::3] = np.nan, np.nan
     a[2] = 1.0                                                     # constant: nan
     got = agreement.spearman(a, b)
+    assert_close(agreement.spearman(a[3:], b[5]), [agreement.spearman(a[k], b[5]) for k in (3, 4, 5)])
     for k in range(6):
         ok = ~np.isnan(a[k]) & ~np.isnan(b[k])
         with warnings.catch_warnings():
@@ -295,22 +297,31 @@ def test_demographics_jackknife_matches_leave_one_out_loop():
                                     min_group_images=7, bootstrap=20)
     section = result["demographics"]["attributes"]["kind"]
     assert section["unknown_images"] == 1 and set(section["values"]) == {"a", "b"}
-    overall = {n: a["mean_kappa"] for n, a in result["annotators"].items()}
+
+    def means(images):
+        sub = agreement.hq_agreement(ratings[:, images], names, human, full=False)["annotators"]
+        return np.array([np.nan if sub[n]["mean_kappa"] is None else sub[n]["mean_kappa"] for n in names])
+
+    def jackknife(images):              # (θ, bias-corrected θ, SE) by recomputing without each image
+        theta = means(images)
+        loo = np.array([means([i for i in images if i != j]) for j in images])
+        n = len(images)
+        return theta, n * theta - (n - 1) * loo.mean(axis=0), np.sqrt((n - 1) / n * ((loo - loo.mean(axis=0)) ** 2).sum(axis=0))
+
+    overall = jackknife(list(range(24)))[1]
+    flags = []
     for value, group in section["values"].items():
         idx = [n for n in range(24) if attribute[n] == value]
         assert group["n_images"] == len(idx)
-
-        def means(images):
-            sub = agreement.hq_agreement(ratings[:, images], names, human, full=False)["annotators"]
-            return np.array([np.nan if sub[n]["mean_kappa"] is None else sub[n]["mean_kappa"] for n in names])
-
-        theta = means(idx)
-        loo = np.array([means([i for i in idx if i != j]) for j in idx])
-        se = np.sqrt((len(idx) - 1) / len(idx) * ((loo - loo.mean(axis=0)) ** 2).sum(axis=0))
+        theta, corrected, se = jackknife(idx)
         for r, name in enumerate(names):
             g = group["annotators"][name]
-            assert_close([g["mean_kappa"], *g["ci95"]], [theta[r], theta[r] - 1.96 * se[r], theta[r] + 1.96 * se[r]])
-            assert g["flagged"] == (not theta[r] - 1.96 * se[r] <= overall[name] <= theta[r] + 1.96 * se[r])
+            lo, hi = corrected[r] - 1.96 * se[r], corrected[r] + 1.96 * se[r]
+            assert_close([g["mean_kappa"], g["mean_kappa_bias_corrected"], *g["ci95"], g["gap_vs_all"]],
+                         [theta[r], corrected[r], lo, hi, corrected[r] - overall[r]])
+            assert g["flagged"] == (not lo <= overall[r] <= hi)
+            flags.append(g["flagged"])
+    assert any(flags) and not all(flags)
     skipped = agreement.hq_agreement(ratings, names, human, demographics={"kind": attribute}, min_group_images=10,
                                      bootstrap=20)["demographics"]["attributes"]["kind"]
     assert skipped["skipped"] == {"b": 7} and list(skipped["values"]) == ["a"]

@@ -57,6 +57,25 @@ def kappa_from_sums(n, sa, sb, saa, sbb, sab) -> np.ndarray:
     return np.where((n > 0) & (den > 0), kappa, np.nan)
 
 
+def _levels_by_emotion(ratings: np.ndarray, num_levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(valid, levels) as float [E, R, N]: one small matrix per emotion, levels 0 where missing."""
+    ratings = np.asarray(ratings, dtype=np.float64)
+    if ratings.ndim != 3:
+        raise ValueError(f"ratings must be [raters, images, emotions], got shape {ratings.shape}")
+    _check_size(ratings.shape[1], num_levels)
+    valid = ~np.isnan(ratings)
+    levels = np.where(valid, readout(ratings, num_levels), 0.0)
+    return (np.ascontiguousarray(valid.transpose(2, 0, 1), dtype=np.float64),
+            np.ascontiguousarray(levels.transpose(2, 0, 1)))
+
+
+# Sums over images, [E, A, N] x [E, B, N] -> [E, A, B]. einsum's own loop, not BLAS: on a busy
+# 2-core machine 40 stacked [22, 2500] @ [2500, 22] BLAS calls spent more time handing work
+# between threads (0.06-0.8 s, erratic) than einsum needs in one thread (~0.1 s).
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("ean,ebn->eab", a, b)
+
+
 def pairwise_quadratic_kappa(ratings: np.ndarray, num_levels: int = NUM_LEVELS) -> np.ndarray:
     """ratings [R, N, E] float, NaN = not rated -> κ [R, R, E] for every rater pair and emotion.
 
@@ -66,27 +85,26 @@ def pairwise_quadratic_kappa(ratings: np.ndarray, num_levels: int = NUM_LEVELS) 
     scikit-learn would give nan. The diagonal is each rater against itself (1, or NaN for a rater
     that gave a single level). Cost: 4 [R, N] x [N, R] products per emotion.
     """
-    ratings = np.asarray(ratings, dtype=np.float64)
-    if ratings.ndim != 3:
-        raise ValueError(f"ratings must be [raters, images, emotions], got shape {ratings.shape}")
-    _check_size(ratings.shape[1], num_levels)
-    valid = ~np.isnan(ratings)
-    levels = np.where(valid, readout(ratings, num_levels), 0.0)
-    # [E, R, N]: one small product per emotion. einsum's own loop, not BLAS: on a busy 2-core
-    # machine 40 stacked [22, 2500] @ [2500, 22] BLAS calls spent more time handing work
-    # between threads (0.06-0.8 s, erratic) than einsum needs in one thread (~0.1 s).
-    m = np.ascontiguousarray(valid.transpose(2, 0, 1), dtype=np.float64)
-    x = np.ascontiguousarray(levels.transpose(2, 0, 1))
-
-    def dot(a, b):  # sum over images: [E, R, N] x [E, R, N] -> [E, R, R]
-        return np.einsum("ern,esn->ers", a, b)
-
-    n = dot(m, m)                    # common images
-    sa = dot(x, m)                   # sum of a's levels over the images b rated too
-    saa = dot(x * x, m)
-    sab = dot(x, x)
+    m, x = _levels_by_emotion(ratings, num_levels)
+    n = _dot(m, m)                   # common images
+    sa = _dot(x, m)                  # sum of a's levels over the images b rated too
+    saa = _dot(x * x, m)
+    sab = _dot(x, x)
     sb, sbb = sa.transpose(0, 2, 1), saa.transpose(0, 2, 1)
     return kappa_from_sums(n, sa, sb, saa, sbb, sab).transpose(1, 2, 0)
+
+
+def cross_quadratic_kappa(a: np.ndarray, b: np.ndarray, num_levels: int = NUM_LEVELS) -> np.ndarray:
+    """κ [A, B, E] of every rater in a [A, N, E] with every rater in b [B, N, E] (same images).
+
+    `pairwise_quadratic_kappa(r)[i, j] == cross_quadratic_kappa(r[i:i+1], r[j:j+1])[0, 0]`;
+    cheaper when only some pairs matter (e.g. models against humans).
+    """
+    ma, xa = _levels_by_emotion(a, num_levels)
+    mb, xb = _levels_by_emotion(b, num_levels)
+    k = kappa_from_sums(_dot(ma, mb), _dot(xa, mb), _dot(ma, xb), _dot(xa * xa, mb), _dot(ma, xb * xb),
+                        _dot(xa, xb))
+    return k.transpose(1, 2, 0)
 
 
 def annotator_kappas(pairwise: np.ndarray, human: np.ndarray) -> np.ndarray:
