@@ -1,26 +1,27 @@
 """Entry point: `python -m emonet_jax.main --config=configs/hq.py[:demo] --workdir=DIR`.
 
-Stages so far: (1) make sure the records exist (the demo generates and prepares the
-synthetic EmoNet-Face on first use), (2) open the grain pipelines the trainer will use and
-assemble one global batch of each on the device mesh, (3) write `WORKDIR/data_summary.json`.
-Training itself arrives with the trainer (see README: status).
+Prepares the records if the config asks for synthetic data, then trains and evaluates
+(emonet_jax/train.py). Re-running the same command on the same workdir resumes from its
+latest checkpoint; `--config.key=value` overrides any config key (a misspelled key fails,
+naming it).
 """
 
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import pathlib
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from emonet_jax.data import pipeline, prepare
+from emonet_jax import train
+from emonet_jax.data import prepare
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/hq.py:demo.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where outputs go.")
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and evaluations go.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,43 +36,31 @@ def records_dir(config) -> tuple[pathlib.Path, dict]:
     return pathlib.Path(summary["data_dir"]), summary
 
 
-def inspect_pipelines(config, data_dir) -> dict:
-    """Pulls one global batch from each training source and the eval source."""
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    sharding = pipeline.batch_sharding(mesh)
-    out = {}
-    for name, split in config.data.train:
-        source = pipeline.open_split(f"{name}/{config.data.resolution}", split, data_dir)
-        ds = pipeline.train_dataset(source, global_batch_size=config.input.batch_size,
-                                    image_size=config.input.image_size, seed=config.seed,
-                                    num_workers=config.input.num_workers, threads=config.input.threads)
-        batch = pipeline.device_batch(next(iter(ds)), sharding)
-        out[f"{name}:{split}"] = {"rows": len(source), "batch": {k: "x".join(map(str, v.shape)) for k, v in batch.items()}}
-    name, split = config.data.eval
-    source = pipeline.open_split(f"{name}/{config.data.resolution}", split, data_dir)
-    ds = pipeline.eval_dataset(source, global_batch_size=config.input.batch_size,
-                               image_size=config.input.image_size, crop=config.input.eval_crop)
-    masks = [np.asarray(b["mask"]) for b in ds]
-    out[f"{name}:{split}"] = {"rows": len(source), "eval_batches": len(masks),
-                              "real_rows_seen": int(sum(m.sum() for m in masks))}
-    return out
+class _QuietLibraries(py_logging.Filter):
+    """Orbax logs every file it writes at INFO; keep its warnings, drop the chatter."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     config = FLAGS.config
     workdir = pathlib.Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    logging.info("devices: %s", jax.devices())
     data_dir, prepared = records_dir(config)
-    summary = {"records": str(data_dir), "prepared": prepared,
-               "devices": [str(d) for d in jax.devices()],
-               "pipelines": inspect_pipelines(config, data_dir)}
-    (workdir / "data_summary.json").write_text(json.dumps(summary, indent=2))
-    logging.info("data summary written to %s", workdir / "data_summary.json")
-    print(json.dumps(summary["pipelines"], indent=2))
-    print(f"Records in {data_dir}; summary in {workdir / 'data_summary.json'}. "
-          "Training is not implemented yet (issue: model and trainer).")
+    if prepared and jax.process_index() == 0:
+        (workdir / "data_summary.json").write_text(json.dumps(prepared, indent=2))
+    result = train.train_and_evaluate(config, workdir, data_dir)
+    if result["preempted"]:
+        print(f"Preempted at step {result['step']}: checkpoint saved; re-run the same command to resume.")
+        return
+    summary = result["eval"].get("summary", {})
+    print(json.dumps({"step": result["step"], **summary}, indent=2))
+    print(f"HQ agreement table: {workdir / 'eval' / 'hq_agreement.md'}")
 
 
 if __name__ == "__main__":

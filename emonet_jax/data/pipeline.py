@@ -31,7 +31,7 @@ from PIL import Image
 LABEL_FIELDS = (
     "ratings", "rater_mask", "soft_label", "soft_label_mask", "mean_intensity", "extra", "extra_mask",
     "binary_votes", "binary_yes", "binary_target", "binary_present", "binary_mask")
-HOST_FIELDS = ("image_id",)
+HOST_FIELDS = ("image_id", "raters")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,8 @@ def _select(example: Mapping[str, Any], image: np.ndarray) -> dict[str, np.ndarr
     out = {"image": to_unit_range(image)}
     out.update({k: np.asarray(example[k]) for k in LABEL_FIELDS})
     # Text features come back as bytes; ids are more useful as str on the host.
-    out.update({k: np.asarray(_text(example[k]), dtype=object) for k in HOST_FIELDS})
+    out["image_id"] = np.asarray(_text(example["image_id"]), dtype=object)
+    out["raters"] = np.asarray([_text(r) for r in example["raters"]], dtype=object)
     return out
 
 
@@ -193,3 +194,51 @@ def batch_sharding(mesh: jax.sharding.Mesh, batch_axes=("data",)) -> jax.shardin
 def batches(dataset: grain.IterDataset, sharding) -> Iterator[dict[str, jax.Array]]:
     for local in dataset:
         yield device_batch(local, sharding)
+
+
+def mixture_batch_sizes(global_batch_size: int, weights: dict[str, float], process_count: int = 1) -> dict[str, int]:
+    """Rows of each source in a global batch: proportional to `weights` (largest remainder),
+    each a multiple of `process_count` so every process takes the same share of each source."""
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+    bad = {k: w for k, w in weights.items() if not w > 0}
+    if bad or not weights:
+        raise ValueError(f"training source weights must be > 0, got {weights}")
+    units = global_batch_size // process_count
+    total = sum(weights.values())
+    exact = {k: units * w / total for k, w in weights.items()}
+    sizes = {k: math.floor(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: sizes[k] - exact[k])[:units - sum(sizes.values())]:
+        sizes[k] += 1
+    empty = [k for k, v in sizes.items() if v == 0]
+    if empty:
+        raise ValueError(f"a global batch of {global_batch_size} leaves no rows for {empty} at weights {weights}; "
+                         "raise the batch size or the weight")
+    return {k: v * process_count for k, v in sizes.items()}
+
+
+class Mixture:
+    """Local batches that concatenate one batch of every training source, in a fixed order.
+
+    The state is one grain iterator state per source, so a checkpoint restores the exact
+    position of each stream.
+    """
+
+    def __init__(self, datasets: dict[str, grain.IterDataset]):
+        self._iterators = {name: iter(ds) for name, ds in datasets.items()}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self._iterators.values()]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {name: it.get_state() for name, it in self._iterators.items()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self._iterators):
+            raise ValueError(f"iterator state has sources {sorted(state)}, this run trains on {sorted(self._iterators)}")
+        for name, it in self._iterators.items():
+            it.set_state(state[name])

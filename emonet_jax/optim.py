@@ -1,0 +1,70 @@
+"""The optimizer: AdamW with warmup + cosine, clipping, freezing and layer-wise LR decay.
+
+Everything is keyed on parameter paths ('img/Transformer/encoderblock_3/...'):
+- `freeze`: regexes of parameters that never change (e.g. everything under `img/` for a
+  linear probe); they get no optimizer state and are left out of the clipping norm.
+- `layer_decay` d < 1 scales the learning rate of encoder block i by d^(depth - i), of the
+  patch/position embedding by d^(depth + 1), and leaves the heads at 1 (fine-tuning a
+  pretrained tower gently while the new heads learn fast).
+- weight decay applies to matrices and embeddings, not to biases or LayerNorm scales.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from emonet_jax import tree
+from emonet_jax.models import vit
+
+
+def schedule(config, total_steps: int) -> optax.Schedule:
+    """Linear warmup to `lr`, then cosine to `lr * min_lr_ratio` at `total_steps`."""
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=config.lr * config.min_lr_ratio)
+
+
+def layer_factor(path: str, shape: tuple[int, ...], depth: int, decay: float):
+    """The LR multiplier of one parameter (an array for scanned blocks: one per layer)."""
+    index = vit.block_index(path, depth) if path.startswith("img/") else depth
+    if index is None:  # scanned: leading axis = layer
+        per_layer = decay ** (depth - np.arange(depth, dtype=np.float32))
+        return per_layer.reshape((depth,) + (1,) * (len(shape) - 1))
+    return np.float32(decay ** (depth - index))
+
+
+class _Empty(NamedTuple):
+    pass
+
+
+def scale_by_layer(depth: int, decay: float) -> optax.GradientTransformation:
+    def update(updates, state, params=None):
+        del params
+        scaled = tree.map_with_path(lambda p, u: u * layer_factor(p, u.shape, depth, decay).astype(u.dtype),
+                                    updates)
+        return scaled, state
+    return optax.GradientTransformation(lambda params: _Empty(), update)
+
+
+def make(config, params: Any, total_steps: int, depth: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, learning-rate schedule) for `params` from config.optimizer."""
+    if config.name != "adamw":
+        raise ValueError(f"optimizer.name must be 'adamw', got {config.name!r}")
+    lr = schedule(config, total_steps)
+    frozen = tree.compile_patterns(config.freeze, "optimizer.freeze")
+    labels = tree.map_with_path(lambda p, _: "frozen" if tree.matches_any(p, frozen) else "trained", params)
+    if all(label == "frozen" for label in tree.flatten(labels).values()):
+        raise ValueError(f"optimizer.freeze {tuple(config.freeze)} freezes every parameter")
+    decay_mask = tree.map_with_path(lambda _, x: jnp.ndim(x) > 1, params)
+    steps = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
+    steps.append(optax.adamw(lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask))
+    if config.layer_decay != 1.0:
+        steps.append(scale_by_layer(depth, config.layer_decay))
+    tx = optax.multi_transform({"trained": optax.chain(*steps), "frozen": optax.set_to_zero()}, labels)
+    return tx, lr
+

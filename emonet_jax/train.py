@@ -1,0 +1,334 @@
+"""The trainer: one function, `train_and_evaluate(config, workdir)`, in commented stages.
+
+  1. mesh        devices -> Mesh(data, fsdp)
+  2. input       one grain pipeline per training source, mixed per batch by weight
+  3. state       init (or another run's params), shard by rules, optimizer
+  4. restore     latest checkpoint of this workdir: state + data-iterator position
+  5. update step jit, sharded in/out, state donated; non-finite steps are not applied
+  6. loop        metrics, checkpoints, periodic HQ evaluation, SIGTERM -> save and exit
+
+The state is a plain dict {step, params, opt_state, first_bad_step}. Everything random is
+a function of (seed, step) or (seed, example index), so a run restored from a checkpoint
+takes exactly the steps an uninterrupted run takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import signal
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import metrics as clu_metrics
+from clu import periodic_actions
+
+from emonet_jax import checkpoint, losses, optim, sharding, tree, writers
+from emonet_jax.data import pipeline
+from emonet_jax.evaluate import model_eval
+from emonet_jax.models import emonet
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradients stopped being finite; the message names the first bad step."""
+
+
+@dataclasses.dataclass
+class Trainer:
+    """What the loop needs, built once from the config (stages 1-3)."""
+    config: Any
+    mesh: jax.sharding.Mesh
+    model: emonet.EmotionModel
+    tx: optax.GradientTransformation
+    lr: optax.Schedule
+    state_shardings: Any
+    batch_sharding: jax.sharding.NamedSharding
+
+
+# --- 1. mesh --------------------------------------------------------------------------------
+
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+    return sharding.make_mesh(config.mesh, devices)
+
+
+# --- 2. input -------------------------------------------------------------------------------
+
+def train_input(config, data_dir, process_index=None, process_count=None) -> pipeline.Mixture:
+    """Every global batch takes rows from each (dataset, split, weight) source by weight."""
+    process_count = jax.process_count() if process_count is None else process_count
+    weights = {f"{name}:{split}": weight for name, split, weight in config.data.train}
+    sizes = pipeline.mixture_batch_sizes(config.batch_size, weights, process_count)
+    augment = pipeline.Augment(scale=tuple(config.input.crop_scale), flip=config.input.flip)
+    datasets = {}
+    for i, (key, size) in enumerate(sizes.items()):
+        name, split = key.split(":")
+        source = pipeline.open_split(f"{name}/{config.data.resolution}", split, data_dir)
+        # Distinct seeds per source: two sources of equal size must not shuffle alike.
+        datasets[key] = pipeline.train_dataset(
+            source, global_batch_size=size, image_size=config.input.image_size, seed=config.seed + 1000 * i,
+            augment=augment, process_index=process_index, process_count=process_count,
+            num_workers=config.input.num_workers, threads=config.input.threads)
+    return pipeline.Mixture(datasets)
+
+
+# --- 3. state -------------------------------------------------------------------------------
+
+def init_params(model, config) -> Any:
+    image = jnp.zeros((1, config.input.image_size, config.input.image_size, 3), jnp.float32)
+    return model.init(jax.random.key(config.seed), image)["params"]
+
+
+def build(config, mesh) -> Trainer:
+    check_config(config, mesh)
+    model = emonet.build(config)
+    abstract_params = jax.eval_shape(lambda: init_params(model, config))
+    depth = model.img.depth
+    tx, lr = optim.make(config.optimizer, abstract_params, config.total_steps, depth)
+    param_shardings = sharding.param_shardings(abstract_params, mesh, config.sharding_rules)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    state_shardings = {
+        "step": sharding.replicated(mesh),
+        "first_bad_step": sharding.replicated(mesh),
+        "params": param_shardings,
+        "opt_state": opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh),
+    }
+    return Trainer(config, mesh, model, tx, lr, state_shardings, sharding.batch_sharding(mesh))
+
+
+def opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh):
+    """Optimizer moments are laid out like their parameters; counters are replicated.
+
+    optax states hold copies of the parameter tree (mu, nu); a leaf whose path ends with a
+    parameter's path and has its shape takes that parameter's sharding.
+    """
+    by_path = {p: (np.shape(x), s) for (p, x), s in zip(tree.flatten(abstract_params).items(),
+                                                         tree.flatten(param_shardings).values())}
+
+    def shard(path: str, leaf):
+        for param_path, (shape, s) in by_path.items():
+            if path.endswith("/" + param_path) and tuple(leaf.shape) == tuple(shape):
+                return s
+        return sharding.replicated(mesh)
+
+    return tree.map_with_path(shard, abstract_opt)
+
+
+def initial_state(trainer: Trainer) -> dict[str, Any]:
+    config = trainer.config
+
+    def init():
+        params = init_params(trainer.model, config)
+        return {"step": jnp.zeros((), jnp.int32), "first_bad_step": jnp.full((), -1, jnp.int32),
+                "params": params, "opt_state": trainer.tx.init(params)}
+
+    state = jax.jit(init, out_shardings=trainer.state_shardings)()
+    if config.init_from:
+        params, loaded = checkpoint.load_params(config.init_from, jax.device_get(state["params"]),
+                                                tuple(config.init_skip))
+        logging.info("initialised %d parameters from %s", len(loaded), config.init_from)
+        params = jax.device_put(params, trainer.state_shardings["params"])
+        state["params"] = params
+        state["opt_state"] = jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings["opt_state"])(params)
+    return state
+
+
+def abstract_state(trainer: Trainer, state) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                        trainer.state_shardings)
+
+
+# --- 5. update step -------------------------------------------------------------------------
+
+def make_train_step(trainer: Trainer):
+    """(state, batch) -> (state, metrics). Gradient accumulation splits the batch into
+    `grad_accum_steps` micro-batches whose loss sums are normalised by the whole batch's
+    label counts, so the update equals the one-shot update up to float rounding."""
+    config, model, tx = trainer.config, trainer.model, trainer.tx
+    terms = [k for k, w in losses.weights(config.loss).items() if w and (k != "extra" or config.model.extra_head)]
+    accum = config.grad_accum_steps
+
+    def micro_loss(params, micro, counts, rng):
+        outputs = model.apply({"params": params}, micro["image"], train=True, rngs={"dropout": rng})
+        sums = {k: s for k, (s, _) in losses.loss_terms(outputs, micro, config.loss).items()}
+        return losses.combine(sums, counts, config.loss), sums
+
+    def gradients(params, batch, rng):
+        counts = losses.counts(batch, terms)
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        if accum == 1:
+            (loss, sums), grads = grad_fn(params, batch, counts, rng)
+            return loss, sums, grads, counts
+
+        def split(x):  # [B, ...] -> [accum, B/accum, ...]; row r goes to micro-batch r % accum
+            x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+            return jnp.swapaxes(x, 0, 1)
+
+        def body(carry, xs):
+            micro, i = xs
+            micro = jax.lax.with_sharding_constraint(micro, trainer.batch_sharding)
+            (loss, sums), grads = grad_fn(params, micro, counts, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
+
+        zeros = (jnp.zeros(()), {k: jnp.zeros(()) for k in terms}, jax.tree.map(jnp.zeros_like, params))
+        micro_batches = jax.tree.map(split, batch)
+        (loss, sums, grads), _ = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(accum)))
+        return loss, sums, grads, counts
+
+    def step(state, batch):
+        rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+        loss, sums, grads, counts = gradients(state["params"], batch, rng)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step is not applied: the state stays the last good one, and the host
+        # stops the run at its next check, naming the step recorded here.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "first_bad_step": jnp.where((state["first_bad_step"] < 0) & ~finite, state["step"],
+                                        state["first_bad_step"]),
+        }
+        metrics = {"loss": clu_metrics.Average(total=loss, count=jnp.ones((), jnp.int32)),
+                   "grad_norm": clu_metrics.Average(total=grad_norm, count=jnp.ones((), jnp.int32)),
+                   **{f"{k}_loss": clu_metrics.Average(total=sums[k], count=counts[k]) for k in terms}}
+        return new_state, metrics
+
+    replicated = sharding.replicated(trainer.mesh)
+    return jax.jit(step, in_shardings=(trainer.state_shardings, trainer.batch_sharding),
+                   out_shardings=(trainer.state_shardings, replicated), donate_argnums=(0,))
+
+
+# --- 6. loop --------------------------------------------------------------------------------
+
+class _Preemption:
+    """SIGTERM sets a flag the loop checks between steps (the step in flight completes)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint after this step and exiting")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_finite(state, step: int) -> None:
+    bad = int(jax.device_get(state["first_bad_step"]))
+    if bad >= 0:
+        raise NonFiniteLoss(f"loss or gradients became NaN/inf at step {bad + 1} (the update of step {bad + 1} "
+                            f"was not applied; checked at step {step}); the last checkpoint was left as it was")
+
+
+def log_train(writer, step: int, accumulated: dict, lr: float) -> None:
+    # A loss term with no labelled pair since the last log (count 0) is left out, not logged as NaN.
+    scalars = {f"train/{k}": float(v.compute()) for k, v in jax.device_get(accumulated).items() if v.count > 0}
+    scalars["lr"] = lr
+    writer.write_scalars(step, scalars)
+    writer.flush()
+
+
+def merge(accumulated: dict | None, metrics: dict) -> dict:
+    if accumulated is None:
+        return metrics
+    return {k: accumulated[k].merge(v) for k, v in metrics.items()}
+
+
+def train_and_evaluate(config, workdir, data_dir) -> dict[str, Any]:
+    """Trains to config.total_steps (resuming from WORKDIR/checkpoints) and evaluates on HQ.
+
+    Returns {'step', 'preempted', 'eval'} for callers and tests.
+    """
+    workdir = pathlib.Path(workdir)
+    is_writer = jax.process_index() == 0
+    # 1. mesh, 3. state (built before the input so config errors surface before data loads)
+    mesh = make_mesh(config)
+    trainer = build(config, mesh)
+    # 2. input
+    train_iter = train_input(config, data_dir)
+    evaluator = model_eval.HQEvaluator(config, data_dir, trainer)
+    # 4. restore
+    ckpt = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
+    state = initial_state(trainer)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state = ckpt.restore(latest, abstract_state(trainer, state))
+        train_iter.set_state(data_state)
+        logging.info("resumed from %s at step %d", ckpt.directory, latest)
+        if is_writer:
+            writers.drop_after(workdir / "metrics.jsonl", latest)
+    step = int(jax.device_get(state["step"]))
+    if is_writer:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    writer = writers.create(workdir, is_writer)
+    if step == 0 and is_writer:
+        writer.write_hparams({"num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"])))})
+    # 5. update step
+    train_step = make_train_step(trainer)
+    report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
+    accumulated, preempted, result = None, False, {}
+
+    def save(step, force=False):
+        check_finite(state, step)  # never write a checkpoint of a broken run
+        ckpt.save(step, state, train_iter.get_state(), force=force)
+
+    with _Preemption() as preemption:
+        while step < config.total_steps:
+            # 6. loop
+            batch = pipeline.device_batch(next(train_iter), trainer.batch_sharding)
+            state, metrics = train_step(state, batch)
+            step += 1
+            accumulated = merge(accumulated, metrics)
+            report(step)
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                check_finite(state, step)
+                log_train(writer, step, accumulated, float(trainer.lr(step - 1)))
+                accumulated = None
+            if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+                save(step)
+            if preemption.requested:
+                save(step, force=True)
+                preempted = True
+                break
+            if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
+                evaluator.run(state["params"], step, writer, workdir if is_writer else None)
+    if not preempted:
+        if ckpt.latest_step() != step:
+            save(step, force=True)
+        result = evaluator.run(state["params"], step, writer, workdir if is_writer else None)
+    ckpt.close()
+    writer.close()
+    return {"step": step, "preempted": preempted, "eval": result, "state": state}
+
+
+def check_config(config, mesh) -> None:
+    """Fails before anything is compiled or loaded, naming the key at fault."""
+    devices = mesh.devices.size
+    if config.batch_size % devices:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {devices} devices of the mesh")
+    if config.grad_accum_steps < 1 or config.batch_size % (config.grad_accum_steps * devices):
+        raise ValueError(f"batch_size {config.batch_size} must split into grad_accum_steps="
+                         f"{config.grad_accum_steps} micro-batches divisible by {devices} devices")
+    for key in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
+        if config[key] < 1:
+            raise ValueError(f"{key} must be >= 1, got {config[key]}")
+    if not any(losses.weights(config.loss).values()):
+        raise ValueError("every loss weight in config.loss is 0")
+    sharding.check_rules(config.sharding_rules)
+

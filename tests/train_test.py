@@ -1,0 +1,302 @@
+"""The update step, sharding, optimizer options, checkpoints and exact resume."""
+
+import functools
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import hq
+from emonet_jax import checkpoint, optim, sharding, train, tree
+from emonet_jax.data import pipeline
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+    c = hq.get_config("demo")
+    c.batch_size = 16
+    c.input.image_size = 32
+    c.input.threads = 1
+    c.total_steps = 6
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 2
+    c.eval_every_steps = 0
+    c.optimizer.warmup_steps = 2
+    for key, value in overrides.items():
+        node = c
+        *parents, name = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[name] = value
+    return c
+
+
+def first_batch(config, data_dir):
+    return next(train.train_input(config, data_dir))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(overrides: tuple, num_devices: int):
+    """(trainer, jitted step, host copy of the initial state): compiling is most of a test's
+    time on 2 cores, so each (config, mesh) is built once per test process."""
+    config = tiny_config(**dict(overrides))
+    trainer = train.build(config, train.make_mesh(config, jax.devices()[:num_devices]))
+    return trainer, train.make_train_step(trainer), jax.device_get(train.initial_state(trainer))
+
+
+def setup(num_devices=8, **overrides):
+    """(trainer, step, a fresh initial state on the mesh)."""
+    trainer, step, host_state = _compiled(tuple(sorted(overrides.items())), num_devices)
+    return trainer, step, jax.device_put(host_state, trainer.state_shardings)
+
+
+def one_step(data_dir, num_devices=8, steps=1, **overrides):
+    trainer, step, state = setup(num_devices, **overrides)
+    local = first_batch(trainer.config, data_dir)
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, pipeline.device_batch(local, trainer.batch_sharding))
+        losses.append(float(metrics["loss"].compute()))
+    return jax.device_get(state), losses
+
+
+def max_difference(a, b):
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(synthetic_records):
+    return synthetic_records["data_dir"]
+
+
+def test_the_step_lowers_the_loss_on_a_fixed_batch(data_dir):
+    _, losses = one_step(data_dir, steps=25, total_steps=40, **{"optimizer.lr": 3e-3, "optimizer.warmup_steps": 1})
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("mesh", [(("data", -1), ("fsdp", 1)), (("data", 4), ("fsdp", 2)), (("data", 1), ("fsdp", 8))])
+def test_eight_devices_match_one_device(data_dir, mesh):
+    assert jax.device_count() == 8
+    eight, loss8 = one_step(data_dir, steps=2, mesh=mesh)
+    one, loss1 = one_step(data_dir, num_devices=1, steps=2)
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    assert max_difference(eight["params"], one["params"]) < 1e-5
+
+
+def test_fsdp_rules_shard_the_largest_divisible_dimension():
+    mesh = sharding.make_mesh((("data", 2), ("fsdp", 4)))
+    params = {"img": {"embedding": {"kernel": jax.ShapeDtypeStruct((8, 8, 3, 32), jnp.float32),
+                                    "bias": jax.ShapeDtypeStruct((30,), jnp.float32)}},
+              "emotion_head": {"kernel": jax.ShapeDtypeStruct((32, 320), jnp.float32)}}
+    got = tree.flatten(sharding.param_shardings(params, mesh, ((r"emotion_head/.*", "replicate"), (".*", "fsdp"))))
+    assert got["img/embedding/kernel"].spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    assert got["img/embedding/bias"].spec == jax.sharding.PartitionSpec()  # 30 % 4 != 0
+    assert got["emotion_head/kernel"].spec == jax.sharding.PartitionSpec()
+    with pytest.raises(ValueError, match="sharding_rules\\[0\\]"):
+        sharding.check_rules(((".*", "shard_everything"),))
+    with pytest.raises(ValueError, match="needs 12 devices"):
+        sharding.make_mesh((("data", 3), ("fsdp", 4)))
+
+
+def test_gradient_accumulation_matches_the_one_shot_step(data_dir):
+    accumulated, _ = one_step(data_dir, grad_accum_steps=2)
+    one_shot, _ = one_step(data_dir)
+    assert max_difference(accumulated["params"], one_shot["params"]) < 1e-5
+
+
+def test_frozen_parameters_do_not_move(data_dir):
+    before, _ = one_step(data_dir, steps=0)
+    after, _ = one_step(data_dir, steps=2, **{"optimizer.freeze": ("img/.*",)})
+    start = tree.flatten(before["params"])
+    moved = {p for p, v in tree.flatten(after["params"]).items() if not np.array_equal(v, start[p])}
+    assert not any(p.startswith("img/") for p in moved), moved
+    assert {"emotion_head/kernel", "emotion_head/bias"} <= moved
+
+
+def test_layer_decay_scales_blocks_by_depth():
+    depth, d = 4, 0.5
+    assert optim.layer_factor("img/embedding/kernel", (3,), depth, d) == d ** 5
+    assert optim.layer_factor("img/Transformer/encoderblock_0/LayerNorm_0/scale", (3,), depth, d) == d ** 4
+    assert optim.layer_factor("img/Transformer/encoderblock_3/LayerNorm_0/scale", (3,), depth, d) == d ** 1
+    assert optim.layer_factor("img/MAPHead_0/probe", (1, 1, 3), depth, d) == 1
+    assert optim.layer_factor("emotion_head/kernel", (3, 3), depth, d) == 1
+    scanned = optim.layer_factor("img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel", (4, 3, 3), depth, d)
+    np.testing.assert_allclose(scanned.reshape(-1), [d ** 4, d ** 3, d ** 2, d ** 1])
+
+
+def test_a_non_finite_step_is_not_applied_and_names_the_step(data_dir):
+    trainer, step, state = setup()
+    local = first_batch(trainer.config, data_dir)
+    state, _ = step(state, pipeline.device_batch(local, trainer.batch_sharding))
+    good = jax.device_get(state["params"])
+    poisoned = dict(local, image=np.full_like(local["image"], np.nan))
+    state, _ = step(state, pipeline.device_batch(poisoned, trainer.batch_sharding))
+    assert max_difference(jax.device_get(state["params"]), good) == 0
+    with pytest.raises(train.NonFiniteLoss, match="at step 2"):
+        train.check_finite(state, 2)
+
+
+def test_checkpoint_round_trip(tmp_path, data_dir):
+    trainer, step, state = setup()
+    state, _ = step(state, pipeline.device_batch(first_batch(trainer.config, data_dir), trainer.batch_sharding))
+    ckpt = checkpoint.Checkpoints(tmp_path)
+    ckpt.save(1, state, {"src": {"next_index": 7}})
+    ckpt.wait()
+    restored, data_state = ckpt.restore(1, train.abstract_state(trainer, setup()[2]))
+    ckpt.close()
+    assert data_state == {"src": {"next_index": 7}}
+    assert max_difference(jax.device_get(restored), jax.device_get(state)) == 0
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert got.sharding == want.sharding
+
+
+def test_init_from_another_run_is_strict_about_names_and_shapes(tmp_path, data_dir):
+    _, _, state = setup()
+    ckpt = checkpoint.Checkpoints(tmp_path / "run")
+    ckpt.save(3, state, {})
+    ckpt.close()
+    target = jax.tree.map(np.zeros_like, jax.device_get(state["params"]))
+    loaded, paths = checkpoint.load_params(tmp_path / "run", target)
+    assert max_difference(loaded, jax.device_get(state["params"])) == 0 and len(paths) == len(tree.flatten(target))
+    wider = dict(target, emotion_head={"kernel": np.zeros((32, 400)), "bias": np.zeros(400)})
+    with pytest.raises(ValueError, match="emotion_head/kernel: checkpoint"):
+        checkpoint.load_params(tmp_path / "run", wider)
+    kept, paths = checkpoint.load_params(tmp_path / "run", wider, skip=("emotion_head/.*",))
+    assert kept["emotion_head"]["kernel"].shape == (32, 400) and "emotion_head/kernel" not in paths
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.load_params(tmp_path / "nothing", target)
+
+
+# --- the whole trainer: resume, preemption, the command line -------------------------------
+
+def train_run(workdir, data_dir, **overrides):
+    config = tiny_config(**overrides)
+    return train.train_and_evaluate(config, workdir, data_dir)
+
+
+def final_params(workdir):
+    trainer, _, state = setup()
+    ckpt = checkpoint.Checkpoints(workdir)
+    restored, _ = ckpt.restore(ckpt.latest_step(), train.abstract_state(trainer, state))
+    ckpt.close()
+    return jax.device_get(restored["params"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = train_run(workdir, data_dir)
+    return workdir, result
+
+
+def test_a_run_writes_metrics_checkpoints_and_the_hq_table(uninterrupted):
+    workdir, result = uninterrupted
+    assert result["step"] == 6 and not result["preempted"]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    assert all(np.isfinite(r["train/loss"]) and r["lr"] >= 0 for r in train_rows)
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
+    table = json.loads((workdir / "eval" / "hq_agreement.json").read_text())
+    annotators = table["annotators"]
+    assert annotators["model"]["human"] is False
+    experts = [n for n, a in annotators.items() if a["human"]]
+    assert len(experts) >= 4
+    assert len(annotators["model"]["per_emotion_kappa"]) == 40
+    assert "| model |" in (workdir / "eval" / "hq_agreement.md").read_text()
+    assert result["eval"]["summary"]["median_expert_mean_kappa"] == pytest.approx(
+        float(np.median([annotators[n]["mean_kappa"] for n in experts])))
+
+
+def test_sigterm_saves_and_the_resumed_run_ends_bit_identical(tmp_path, data_dir, uninterrupted, monkeypatch):
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed from the main thread")
+    calls = {"n": 0}
+    real = train.pipeline.device_batch
+
+    def device_batch_then_sigterm(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the signal lands while step 3 is being prepared
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train.pipeline, "device_batch", device_batch_then_sigterm)
+    first = train_run(tmp_path, data_dir)
+    monkeypatch.setattr(train.pipeline, "device_batch", real)
+    assert first["preempted"] and first["step"] == 3
+    assert not (tmp_path / "eval").exists()
+    second = train_run(tmp_path, data_dir)
+    assert second["step"] == 6 and not second["preempted"]
+    assert max_difference(final_params(tmp_path), final_params(uninterrupted[0])) == 0
+    assert second["eval"]["annotators"]["model"] == uninterrupted[1]["eval"]["annotators"]["model"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == [2, 4, 6]  # nothing logged twice after the resume
+
+
+def main_command(workdir, data_dir, *flags):
+    overrides = {"batch_size": 16, "input.image_size": 32, "input.threads": 1, "data.synthetic": False,
+                 "data.data_dir": str(data_dir), "eval_every_steps": 0, "optimizer.warmup_steps": 2}
+    return [sys.executable, "-m", "emonet_jax.main", "--config=configs/hq.py:demo", f"--workdir={workdir}",
+            *(f"--config.{k}={v}" for k, v in overrides.items()), *flags]
+
+
+def test_sigkill_at_a_random_moment_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
+    flags = ("--config.total_steps=60", "--config.checkpoint_every_steps=5", "--config.log_every_steps=5")
+    reference = subprocess.run(main_command(tmp_path / "reference", data_dir, *flags), cwd=REPO,
+                               capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = subprocess.Popen(main_command(tmp_path / "killed", data_dir, *flags), cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and killed.poll() is None:
+        if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+            time.sleep(np.random.default_rng().uniform(0, 0.5))  # a random moment after the first save
+            break
+        time.sleep(0.02)
+    killed.kill()
+    killed.wait()
+    assert not (tmp_path / "killed" / "eval").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(main_command(tmp_path / "killed", data_dir, *flags), cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    ref, res = (json.loads((tmp_path / d / "eval" / "hq_agreement.json").read_text()) for d in ("reference", "killed"))
+    assert ref["annotators"]["model"] == res["annotators"]["model"]
+    for a, b in zip(jax.tree.leaves(final_params(tmp_path / "reference")),
+                    jax.tree.leaves(final_params(tmp_path / "killed"))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("flag,named", [("--config.totl_steps=3", "totl_steps"),
+                                        ("--config.model.varaint=B/16", "varaint")])
+def test_a_misspelled_config_key_fails_naming_it(tmp_path, data_dir, flag, named):
+    run = subprocess.run(main_command(tmp_path, data_dir, flag), cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode != 0
+    assert named in run.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="dmeo"):
+        hq.get_config("dmeo")
+    mesh = train.make_mesh(tiny_config())
+    with pytest.raises(ValueError, match="batch_size 12 is not divisible by the 8 devices"):
+        train.check_config(tiny_config(batch_size=12), mesh)
+    with pytest.raises(ValueError, match="grad_accum_steps=3"):
+        train.check_config(tiny_config(grad_accum_steps=3), mesh)
+    with pytest.raises(ValueError, match="optimizer.freeze"):
+        train.build(tiny_config(**{"optimizer.freeze": (".*",)}), mesh)
