@@ -140,3 +140,16 @@ def test_sincos_position_embedding():
     assert "pos_embedding" not in shapes(model)
     emb = vit.sincos_2d(4, 4, 32)
     assert emb.shape == (1, 16, 32) and len({tuple(r) for r in np.round(emb[0], 6)}) == 16
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    model = emonet.EmotionModel(img=vit.ViT.from_variant("mu/8", dtype=jnp.bfloat16))
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    variables = model.init(jax.random.key(1), images)
+    assert {x.dtype for x in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.float32)}
+    pooled, _ = model.img.apply({"params": variables["params"]["img"]}, images)
+    assert pooled.dtype == jnp.bfloat16
+    out = model.apply(variables, images)
+    assert out["logits"].dtype == jnp.float32 and np.isfinite(out["logits"]).all()
+    full = emonet.EmotionModel(img=vit.ViT.from_variant("mu/8")).apply(variables, images)
+    np.testing.assert_allclose(out["embedding"].astype(np.float32), full["embedding"], atol=0.1)
