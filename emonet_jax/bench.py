@@ -15,7 +15,8 @@ synthetic hq.csv of the published size (2,500 images, 8 experts with 4 per image
 annotators: 45,000 rows), against `reference_mean_kappas`, the same κ protocol written the
 straightforward way (pandas + a scikit-learn call per rater pair and emotion), timed in this
 process after pandas and scikit-learn are imported. Checks that both give the same mean κ of
-every annotator (to 1e-9).
+every annotator (to 1e-9). Also reports CPU seconds (the CLI's include its figure worker) and
+the 1-minute load average at the start: the reference machine is shared.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import itertools
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import tempfile
@@ -166,16 +168,18 @@ def bench_agreement() -> dict:
         csv_path = agreement.write_hq_csv(rows, pathlib.Path(tmp) / "hq.csv")
         out = pathlib.Path(tmp) / "out"
         command = [sys.executable, "-m", "emonet_jax.evaluate.agreement", f"--ratings={csv_path}", f"--out={out}"]
-        start = time.perf_counter()
+        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         cli_s = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)     # the CLI and its figure worker
+        cli_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         result = json.loads((out / "agreement.json").read_text())
         outputs = sorted(p.name for p in out.iterdir())
         import pandas  # noqa: F401  (imports outside the reference's timing)
         import sklearn.metrics  # noqa: F401
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         reference = reference_mean_kappas(csv_path)
-        reference_s = time.perf_counter() - start
+        reference_s, reference_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         table = agreement.read_annotations(csv_path)
         start = time.perf_counter()
         agreement.hq_agreement(table.ratings, table.names, table.human, full=False)
@@ -187,7 +191,8 @@ def bench_agreement() -> dict:
     return {"benchmark": "agreement", "images": FLAGS.hq_images, "experts": synthetic.NUM_EXPERTS,
             "experts_per_image": synthetic.EXPERTS_PER_IMAGE, "models": len(models), "rows": len(rows),
             "cpus": os.cpu_count(), "cli_seconds": round(cli_s, 2), "reference_seconds": round(reference_s, 2),
-            "speedup": round(reference_s / cli_s, 1), "in_process_kappa_only_seconds": round(kappa_only_s, 3),
+            "speedup": round(reference_s / cli_s, 1), "cli_cpu_seconds": round(cli_cpu, 2),
+            "reference_cpu_seconds": round(reference_cpu, 2), "in_process_kappa_only_seconds": round(kappa_only_s, 3),
             "max_abs_diff_mean_kappa": diff, "load_avg_1min_at_start": round(load, 2), "outputs": outputs}
 
 

@@ -121,7 +121,7 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     k, n = flat.shape
     if flat.size == 0:
         return a.copy()
-    order = np.argsort(flat, axis=1, kind="stable")          # NaN sorts last
+    order = np.argsort(flat, axis=1)          # NaN sorts last; ties need no stable order: they share a rank
     ordered = np.take_along_axis(flat, order, axis=1)
     starts = np.ones((k, n), dtype=bool)
     starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]       # a new tie group (rows start one)
@@ -673,6 +673,29 @@ def _save(fig, path: pathlib.Path, margins: tuple[float, float, float, float]) -
     return path
 
 
+def _cell_labels(fig, ax, matrix: np.ndarray) -> None:
+    """Each finite cell's value (2 decimals, 5 pt, white) at its centre. One collection of
+    glyph outlines instead of r^2 Text artists: half the heatmap's drawing time at r = 22."""
+    from matplotlib.collections import PathCollection
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextPath
+    from matplotlib.transforms import Affine2D
+
+    font, shapes, paths = FontProperties(size=5), {}, []
+    cells = list(zip(*np.nonzero(np.isfinite(matrix))))
+    for i, j in cells:
+        label = f"{matrix[i, j]:.2f}"
+        if label not in shapes:                        # centred on (0, 0), in points
+            path = TextPath((0, 0), label, prop=font)
+            box = path.get_extents()
+            shapes[label] = path.transformed(Affine2D().translate(-(box.x0 + box.x1) / 2, -(box.y0 + box.y1) / 2))
+        paths.append(shapes[label])
+    labels = PathCollection(paths, offsets=[(j, i) for i, j in cells], offset_transform=ax.transData,
+                            facecolors="w", edgecolors="none")
+    labels.set_transform(Affine2D().scale(fig.dpi / 72))     # points -> pixels
+    ax.add_collection(labels, autolim=False)
+
+
 def _text_inches(labels) -> float:
     """Room for the longest of `labels` at 7 pt (about 0.06 inch a character) plus a tick."""
     return 0.06 * max(len(t) for t in labels) + 0.25
@@ -707,8 +730,7 @@ def draw_figure(name: str, result: dict, out_dir) -> pathlib.Path:
         ax.set_xticks(range(r), pw["annotators"], rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(r), pw["annotators"], fontsize=7)
         if r <= 30:
-            for i, j in zip(*np.nonzero(np.isfinite(matrix))):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=5, color="w")
+            _cell_labels(fig, ax, matrix)
         fig.colorbar(image, ax=ax, label="mean quadratic-weighted κ over the emotions", fraction=0.04)
         ax.set_title("Pairwise κ (humans first)")
         return _save(fig, path, (label, 0.75 * label + 0.2, 1.2, 0.4))
