@@ -193,8 +193,10 @@ def bench_agreement() -> dict:
     diff = max(abs(ours[n] - reference[n]) for n in reference)
     if set(ours) != set(reference) or not diff <= 1e-9:
         raise AssertionError(f"mean κ differ from the reference by {diff}")
-    return {"benchmark": "agreement", "images": FLAGS.hq_images, "experts": synthetic.NUM_EXPERTS,
-            "experts_per_image": synthetic.EXPERTS_PER_IMAGE, "models": len(models), "rows": len(rows),
+    experts = len({r["annotator"] for r in rows if r["human"]})
+    return {"benchmark": "agreement", "images": FLAGS.hq_images, "experts": experts,
+            "experts_per_image": sum(r["human"] for r in rows) // FLAGS.hq_images, "models": len(models),
+            "rows": len(rows),
             "cpus": os.cpu_count(), "cli_seconds": round(cli_s, 2), "reference_seconds": round(reference_s, 2),
             "speedup": round(reference_s / cli_s, 1), "cli_seconds_each": [round(t, 2) for t in cli_runs],
             "cli_cpu_seconds": round(float(np.median(cli_cpu)), 2),

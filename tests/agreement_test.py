@@ -6,7 +6,6 @@ share no code with `emonet_jax.evaluate`.
 
 import ast
 import json
-import pathlib
 import subprocess
 import sys
 import warnings
@@ -249,8 +248,9 @@ def test_group_comparisons_match_scipy(table):
     assert groups["members"] == {agreement.HUMANS: ["h1", "h2", "h3", "h4"],
                                  agreement.OURS: ["Empathic Insight Test"],
                                  "VLMs with Zero-Shot Prompt": ["Some VLM ZS"]}
-    pooled = {g: np.array([v for n in m for v in result["annotators"][n]["per_emotion_kappa"].values() if v is not None])
-              for g, m in groups["members"].items()}
+    per_emotion = {n: [v for v in a["per_emotion_kappa"].values() if v is not None]
+                   for n, a in result["annotators"].items()}
+    pooled = {g: np.array([v for n in m for v in per_emotion[n]]) for g, m in groups["members"].items()}
     assert len(groups["comparisons"]) == 3
     for c in groups["comparisons"]:
         a, b = pooled[c["group1"]], pooled[c["group2"]]
@@ -306,7 +306,8 @@ def test_demographics_jackknife_matches_leave_one_out_loop():
         theta = means(images)
         loo = np.array([means([i for i in images if i != j]) for j in images])
         n = len(images)
-        return theta, n * theta - (n - 1) * loo.mean(axis=0), np.sqrt((n - 1) / n * ((loo - loo.mean(axis=0)) ** 2).sum(axis=0))
+        se = np.sqrt((n - 1) / n * ((loo - loo.mean(axis=0)) ** 2).sum(axis=0))
+        return theta, n * theta - (n - 1) * loo.mean(axis=0), se
 
     overall = jackknife(list(range(24)))[1]
     flags = []
@@ -438,7 +439,8 @@ def test_fast_csv_split_equals_the_csv_module(tmp_path):
     assert agreement._split_simple_csv(text, 4) is None                  # a quoted leading field: slow path
     simple = text.rsplit("\n", 2)[0] + "\n" + '9,json,True,"{""a"": 1, ""b"": """"}"\n\n10,x,False,{}\n'
     fast = agreement._split_simple_csv(simple, 4)
-    assert fast == agreement._split_csv(simple) and fast[-2][1][3] == '{"a": 1, "b": ""}' and fast[-1][0] == simple.count("\n")
+    assert fast == agreement._split_csv(simple)
+    assert fast[-2][1][3] == '{"a": 1, "b": ""}' and fast[-1][0] == simple.count("\n")
     assert agreement._split_simple_csv(simple + '11,y,True,"{""a"" "b"}"\n', 4) is None   # a lone quote
 
 
@@ -478,10 +480,12 @@ def test_cli_end_to_end(tmp_path):
     demo = agreement.write_demographics_csv(demographics, tmp_path / "demographics.csv")
     rng = np.random.default_rng(0)
     extra = tmp_path / "ours.jsonl"
-    extra.write_text("".join(json.dumps({"image": r["image"], "annotator": "emonet_jax",
-                                         "annotations": {k: float(v) + rng.normal(0, 0.5) for k, v in r["annotations"].items()
-                                                         if not k.startswith("Extra")}}) + "\n"
-                             for r in rows if r["annotator"] == "expert-1"))
+    lines = []
+    for r in rows:
+        if r["annotator"] == "expert-1":
+            noisy = {k: float(v) + rng.normal(0, 0.5) for k, v in r["annotations"].items() if not k.startswith("Extra")}
+            lines.append(json.dumps({"image": r["image"], "annotator": "emonet_jax", "annotations": noisy}) + "\n")
+    extra.write_text("".join(lines))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "emonet_jax.evaluate.agreement", f"--ratings={hq}", f"--out={out}",
                            f"--extra={extra}", f"--demographics={demo}", "--bootstrap=100"],

@@ -624,7 +624,8 @@ def report_markdown(result: dict) -> str:
              "κ: quadratic-weighted Cohen's κ on int-truncated ratings 0..7, vs the human raters.\n",
              markdown_table(result)]
     if "groups" in result:
-        parts.append("\n## Groups (per-emotion κ's of the members, pooled)\n\n| Group | n | mean | median | members |\n"
+        parts.append("\n## Groups (per-emotion κ's of the members, pooled)\n\n"
+                     "| Group | n | mean | median | members |\n"
                      "| --- | --- | --- | --- | --- |\n" + "".join(
                          f"| {g} | {s['n_values']} | {_fmt(s['mean'])} | {_fmt(s['median'])} | "
                          f"{', '.join(result['groups']['members'][g])} |\n"
@@ -1125,31 +1126,43 @@ SYNTHETIC_MODELS = (
 )
 
 
-def synthetic_hq(num_images: int = 2500, seed: int = 0, models=SYNTHETIC_MODELS) -> tuple[list[dict], dict]:
-    """(rows of hq.csv as dicts, {image: demographics}) from the synthetic EmoNet-Face raters.
+SYNTHETIC_DEMOGRAPHICS = {
+    "ethnicity": ("African", "East Asian", "South Asian", "Caucasian", "Hispanic", "Middle Eastern"),
+    "gender": ("female", "male"), "age": ("young adult", "adult", "middle-aged", "elderly")}
 
-    8 experts, 4 per image, whole ratings 0..7 (`data.synthetic.expert_ratings`, extra dimensions
-    included); the models see the same latent intensities with their own noise and biases and
-    answer with full-precision floats (VLMs: whole numbers; 'unit': on 0-1).
+
+def synthetic_hq(num_images: int = 2500, seed: int = 0, models=SYNTHETIC_MODELS, experts: int = 8,
+                 per_image: int = 4) -> tuple[list[dict], dict]:
+    """(rows of hq.csv as dicts, {image: demographics}), deterministic per seed.
+
+    Each image has hidden intensities like the synthetic EmoNet-Face's (1-3 dominant emotions at
+    2.5-7, a few faint ones). `per_image` of the `experts` rate it: intensity + personal bias +
+    noise, rounded to 0..7, an emotion they don't see left at 0, plus the 4 extra dimensions.
+    Models add their own noise and per-emotion bias and answer with full-precision floats (VLMs
+    and the random baseline: whole numbers; 'unit': on 0-1). Self-contained on purpose: a
+    benchmark input must not move when the face simulator in `data/synthetic.py` changes.
     """
-    from emonet_jax.data import synthetic  # only here: it pulls in the face renderer
-
-    experts = synthetic.Raters(synthetic.EXPERT, tuple(f"expert-{i}" for i in range(1, synthetic.NUM_EXPERTS + 1)), seed)
-    model_kind = synthetic.RaterModel(noise=(1.0, 1.0), bias=0.3, emotion_bias=0.5, swap=0.4)
-    panel = synthetic.Raters(model_kind, tuple(m[0] for m in models), seed + 1)
+    rng = np.random.default_rng(seed)
+    expert_bias, expert_noise = rng.uniform(-0.4, 0.4, experts), rng.uniform(0.4, 0.9, experts)
+    model_bias = rng.uniform(-0.3, 0.3, len(models))[:, None] + rng.uniform(-0.5, 0.5, (len(models), E))
     rows, demographics = [], {}
     for i in range(num_images):
-        rng = np.random.default_rng([seed, i, 11])
-        latent = synthetic.sample_latent(rng)
-        image_id = f"{i:05d}"
-        demographics[image_id] = {"ethnicity": str(rng.choice(synthetic.ETHNICITIES)),
-                                  "gender": str(rng.choice(synthetic.GENDERS)), "age": str(rng.choice(synthetic.AGES))}
-        image = synthetic.Image(image_id, latent, demographics[image_id], b"", "", int(np.argmax(latent)))
-        for name, scores in synthetic.expert_ratings(image, experts, seed).items():
-            rows.append({"image": image_id, "annotator": name, "human": True, "annotations": scores})
-        for r, (name, kind, noise) in enumerate(models):
-            seen = panel.perceive(latent, rng) + panel.bias[r] + panel.emotion_bias
-            score = np.clip(seen + rng.normal(0, noise, size=E), 0, MAX_RATING)
+        image = f"{i:05d}"
+        latent = np.zeros(E)
+        dominant = rng.choice(E, size=rng.integers(1, 4), replace=False)
+        latent[dominant] = rng.uniform(2.5, MAX_RATING, size=dominant.size)
+        faint = (rng.random(E) < 0.08) & (latent == 0)
+        latent[faint] = rng.uniform(0.5, 2.0, size=faint.sum())
+        demographics[image] = {k: str(rng.choice(v)) for k, v in SYNTHETIC_DEMOGRAPHICS.items()}
+        for r in sorted(rng.choice(experts, size=per_image, replace=False)):
+            noisy = latent + expert_bias[r] + rng.normal(0, expert_noise[r], size=E)
+            noisy = np.where(latent + rng.normal(0, 0.5, size=E) < 0.6, np.minimum(noisy, 0.4), noisy)
+            scores = {taxonomy.key_of(e): int(v) for e, v in enumerate(np.clip(np.round(noisy), 0, MAX_RATING))}
+            scores.update({taxonomy.extra_key_of(d.index): int(rng.integers(d.low, d.high + 1))
+                           for d in taxonomy.EXTRA_DIMENSIONS})
+            rows.append({"image": image, "annotator": f"expert-{r + 1}", "human": True, "annotations": scores})
+        for m, (name, kind, noise) in enumerate(models):
+            score = np.clip(latent + model_bias[m] + rng.normal(0, noise, size=E), 0, MAX_RATING)
             if kind == "vlm":
                 score = np.round(score)
             elif kind == "unit":
@@ -1157,7 +1170,7 @@ def synthetic_hq(num_images: int = 2500, seed: int = 0, models=SYNTHETIC_MODELS)
             elif kind == "random":
                 score = rng.integers(0, NUM_LEVELS, size=E).astype(np.float64)
             values = [int(v) for v in score] if kind in ("vlm", "random") else [float(v) for v in score]
-            rows.append({"image": image_id, "annotator": name, "human": False,
+            rows.append({"image": image, "annotator": name, "human": False,
                          "annotations": {taxonomy.key_of(e): v for e, v in enumerate(values)}})
     return rows, demographics
 
