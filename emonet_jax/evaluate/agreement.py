@@ -698,8 +698,8 @@ def _cell_labels(fig, ax, matrix: np.ndarray) -> None:
 
 
 def _text_inches(labels) -> float:
-    """Room for the longest of `labels` at 7 pt (about 0.06 inch a character) plus a tick."""
-    return 0.06 * max(len(t) for t in labels) + 0.25
+    """Room for the longest of `labels` at 7 pt (about 0.052 inch a character) plus a tick."""
+    return 0.052 * max(len(t) for t in labels) + 0.3
 
 
 def _values(mapping: Mapping[str, float | None], keys: Sequence[str]) -> np.ndarray:
