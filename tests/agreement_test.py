@@ -381,6 +381,7 @@ def row(image, annotator, human, annotations):
     (row(1, "a", True, {AMUSEMENT: "high"}), 2, AMUSEMENT),
     (row(1, "a", True, {AMUSEMENT: True}), 2, AMUSEMENT),
     (row(1, "a", True, {AMUSEMENT: float("inf")}).replace("inf", "1e999"), 2, AMUSEMENT),
+    (row(1, "a", True, {AMUSEMENT: 1}) + f'2,a,True,"{{""{AMUSEMENT}"": NaN}}"\n', 3, AMUSEMENT),
     ('1,a,True,"{\'x\': 3"\n', 2, "not a dict literal"),
     ('1,a,True,"[1, 2]"\n', 2, "list"),
     ('1,a,True,"{1: 2}",extra\n', 2, "5 fields"),
@@ -414,13 +415,15 @@ def test_missing_column_and_line_numbers_after_a_multiline_record(tmp_path):
 def test_missing_key_is_missing_and_extras_are_ignored(tmp_path):
     extra = taxonomy.extra_key_of(0)
     path = write(tmp_path, HEADER + row("x", "a", True, {AMUSEMENT: 3, extra: -2, ANGER: None})
-                 + row("y", "a", True, {ANGER: 5}) + row("x", "m", False, {AMUSEMENT: 2.5}))
+                 + row("y", "a", True, {ANGER: 5}) + row("x", "m", False, {AMUSEMENT: 2.5})
+                 + row("y", "m", False, {extra: 1}))
     t = agreement.read_annotations(path)
     assert t.names == ["a", "m"] and t.images == ["x", "y"] and t.human.tolist() == [True, False]
     amusement, anger = taxonomy.NAMES.index("Amusement"), taxonomy.NAMES.index("Anger")
     assert t.ratings[0, 0, amusement] == 3 and np.isnan(t.ratings[0, 0, anger]) and t.ratings[0, 1, anger] == 5
-    assert np.isnan(t.ratings[1, 1]).all()                        # m did not rate y
+    assert np.isnan(t.ratings[1, 1]).all()                        # m rated no emotion of y
     assert t.report["per_annotator"]["a"]["missing_ratings"] == 80 - 2
+    assert t.report["per_annotator"]["m"] == {"rows": 2, "missing_ratings": 80 - 1, "outside_0_7": 0, "fractional": 1}
     assert t.report["per_annotator"]["m"]["fractional"] == 1
 
 

@@ -982,26 +982,29 @@ def _row_values(rows: list[_Row]) -> np.ndarray:
     """[len(rows), 40] ratings (NaN = missing key or None) with errors naming line and key."""
     out = np.full((len(rows), E), np.nan)
     layouts: dict[tuple, tuple] = {}
-    by_layout: dict[tuple, tuple[list[int], list[list]]] = {}
+    by_layout: dict[tuple, tuple[list[int], list[list], list[bool]]] = {}
     for i, row in enumerate(rows):
         d = parse_annotations(row.annotations, row.where)
         keys = tuple(d)
         if keys not in layouts:
             layouts[keys] = _key_columns(keys, row.where)
-            by_layout[keys] = ([], [])
+            by_layout[keys] = ([], [], [])
         values = list(d.values())
-        if not _NUMBER.issuperset(map(type, values)):
+        plain = _NUMBER.issuperset(map(type, values))        # else None, bool, str...: one by one
+        if not plain:
             values = [_checked(v, k, row.where) for k, v in zip(keys, values)]
-        index, table = by_layout[keys]
+        index, table, fast = by_layout[keys]
         index.append(i)
         table.append(values)
-    for keys, (index, table) in by_layout.items():
+        fast.append(plain)
+    for keys, (index, table, fast) in by_layout.items():
         positions, columns = layouts[keys]
         values = np.array(table, dtype=np.float64).reshape(len(index), len(keys))
-        bad = np.isinf(values)
+        bad = ~np.isfinite(values) & np.array(fast)[:, None]    # JSON's NaN / Infinity, 1e999
         if bad.any():
             i, p = np.argwhere(bad)[0]
-            raise AgreementInputError(f"{rows[index[i]].where}: rating of {keys[p]!r} is {values[i, p]}")
+            raise AgreementInputError(f"{rows[index[i]].where}: rating of {keys[p]!r} is {values[i, p]}, "
+                                      "not a finite number (leave the key out for 'not rated')")
         out[np.ix_(index, columns)] = values[:, positions]
     return out
 
@@ -1055,16 +1058,18 @@ def read_annotations(ratings_path, extra_paths: Sequence = (), *,
     for name in rescaled:
         ratings[name_index[name]] *= MAX_RATING
     human = np.array([flag_of[name][0] for name in names], dtype=bool)
-    report = _input_report(ratings, names, human, a, rescaled, files)
+    has_row = np.zeros(ratings.shape[:2], dtype=bool)
+    has_row[a, n] = True
+    report = _input_report(ratings, names, human, has_row, rescaled, files)
     return Annotations(ratings, names, human, images, source, report)
 
 
-def _input_report(ratings, names, human, row_annotator, rescaled, files) -> dict:
+def _input_report(ratings, names, human, has_row, rescaled, files) -> dict:
     """What was read, and every value the readout will change or ignore, per annotator."""
     per = {}
-    counts = np.bincount(row_annotator, minlength=len(names))
+    counts = has_row.sum(axis=1)
     for i, name in enumerate(names):
-        r = ratings[i][~np.isnan(ratings[i]).all(axis=1)]                # the images it rated
+        r = ratings[i][has_row[i]]                                         # the images it has rows for
         v = r[~np.isnan(r)]
         per[name] = {"rows": int(counts[i]), "missing_ratings": int(np.isnan(r).sum()),
                      "outside_0_7": int(((v < 0) | (v > MAX_RATING)).sum()),
