@@ -1217,6 +1217,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(default %(default)r, the published convention; '' for none)")
     p.add_argument("--demographics", help="CSV with an 'image' column and attribute columns")
     p.add_argument("--demographic_columns", default="", help="comma-separated attribute columns (default: all)")
+    p.add_argument("--min_group_images", type=int, default=MIN_GROUP_IMAGES,
+                   help="demographics: attribute values with fewer images are skipped (and listed)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--bootstrap", type=int, default=BOOTSTRAP)
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True, help="write the PNG figures")
@@ -1279,7 +1281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         early = (lambda partial: worker.draw(FIGURES[:2], partial)) if worker else None
         result = _evaluate(table.ratings, table.names, table.human, full=True, seed=args.seed, groups=groups,
                            demographics=demographics, bootstrap=args.bootstrap,
-                           min_group_images=MIN_GROUP_IMAGES, on_kappa=early)
+                           min_group_images=args.min_group_images, on_kappa=early)
         if worker:
             worker.draw(FIGURES[2:], {k: result[k] for k in ("annotators", "krippendorff_alpha",
                                                                 "krippendorff_alpha_ci95")})
