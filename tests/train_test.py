@@ -300,3 +300,28 @@ def test_config_errors_name_the_key():
         train.check_config(tiny_config(grad_accum_steps=3), mesh)
     with pytest.raises(ValueError, match="optimizer.freeze"):
         train.build(tiny_config(**{"optimizer.freeze": (".*",)}), mesh)
+
+
+def test_transfer_scores_an_image_folder_with_a_trained_run(tmp_path, uninterrupted, data_dir):
+    from PIL import Image
+
+    from emonet_jax.evaluate import transfer
+    workdir, _ = uninterrupted
+    source = pipeline.open_split("emonet_face_hq/64", "test", data_dir)
+    ferd = tmp_path / "ferd"
+    ferd.mkdir()
+    for i, cls in enumerate(["Happy", "Sad", "Surprised", "Anger"]):
+        Image.fromarray(source[i]["image"]).save(ferd / f"{i:04d}_{cls}.png")
+    (ferd / "0004_Happy.jpg").write_bytes(b"not an image")
+    code = transfer.main([f"--images={ferd}", "--dataset=ferd", f"--out={tmp_path / 'out'}",
+                          f"--workdir={workdir}"])
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "transfer.json").read_text())
+    assert result["n"] == 4
+    lines = [json.loads(x) for x in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and len(lines[0]["results"]) == 40
+    raw = np.array([[r["raw"] for r in line["results"].values()] for line in lines])
+    centred = np.array([[r["mean_subtracted"] for r in line["results"].values()] for line in lines])
+    hq_means = np.load(workdir / "eval" / "hq_predictions.npz")["intensity"].mean(0)
+    np.testing.assert_allclose(raw - centred, np.broadcast_to(hq_means, raw.shape), atol=1e-5)
+    assert ((raw >= 0) & (raw <= 7)).all()

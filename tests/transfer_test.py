@@ -281,6 +281,6 @@ def test_cli_images_without_a_model_says_what_is_missing(tmp_path):
     args = [f"--images={tmp_path / 'ferd'}", "--dataset=ferd", f"--out={tmp_path / 'o'}"]
     with pytest.raises(SystemExit, match="--images needs --workdir"):
         transfer.main(args)
-    with pytest.raises(SystemExit, match=r"found 1 labelled images .*not wired yet.*write_scores_jsonl"):
+    with pytest.raises(SystemExit, match=r"config.json not found: is .* a training workdir"):
         transfer.main(args + [f"--workdir={tmp_path / 'w'}"])
     assert not (tmp_path / "o").exists()

@@ -535,14 +535,6 @@ def _images_in(directory) -> list[pathlib.Path]:
 # ---------------------------------------------------------------------------
 # CLI.
 
-NO_MODEL_MESSAGE = (
-    "--images needs our model to score the images, and this checkpoint path is not wired yet: "
-    "emonet_jax has no inference entry point that loads a --workdir checkpoint and returns the "
-    "40 raw head scores. Until it exists: score the images with the model yourself, write them "
-    "with emonet_jax.evaluate.transfer.write_scores_jsonl(image_paths, scores_raw, "
-    "reference_means, out), then run this command with --scores=that file.")
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m emonet_jax.evaluate.transfer", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -562,9 +554,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.images is not None:
             return _images_mode(args)
-        result = evaluate_scores_file(args.scores, args.dataset, args.mappings, args.strict)
+        return main_scores(args)
     except (TransferError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def main_scores(args) -> int:
+    result = evaluate_scores_file(args.scores, args.dataset, args.mappings, args.strict)
     js, md = write_outputs(result, args.out)
     skipped = sum(v["count"] for v in result["skipped"].values())
     print(markdown_table(result))
@@ -578,10 +574,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _images_mode(args) -> int:
     if args.workdir is None:
         raise SystemExit("error: --images needs --workdir (the training run whose checkpoint scores the images)")
+    from emonet_jax import inference  # JAX and the model only when images are scored here
     mapping = load_mapping(args.dataset, args.mappings)
     found = read_labeled_images(args.images, args.dataset, mapping, args.layout)
-    raise SystemExit(f"error: found {len(found.paths)} labelled images in {args.images} "
-                     f"({len(found.skipped)} left out), but {NO_MODEL_MESSAGE}")
+    run = inference.Run.load(args.workdir)
+    means, means_source = inference.reference_means(args.workdir)
+    images, kept, errors = inference.read_images(found.paths, run.image_size)
+    for line in found.skipped + errors:
+        print(f"skipped {line}", file=sys.stderr)
+    if not kept:
+        raise SystemExit(f"error: no readable labelled image in {args.images}")
+    raw = run.predict(images)["intensity"]
+    paths = [found.paths[i] for i in kept]
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = None
+    if args.dataset == "affectnet":  # AffectNet's ground truth travels as the integer label
+        ids = {name: i for i, name in mapping.affectnet_labels.items()}
+        labels = [ids[found.classes[i]] for i in kept]
+    scores = write_scores_jsonl(paths, raw, means, out / "scores.jsonl", labels=labels)
+    print(f"scored {len(paths)} images with {args.workdir} (means subtracted: {means_source}); "
+          f"{len(found.skipped) + len(errors)} left out; scores in {scores}")
+    args.scores, args.images = str(scores), None
+    return main_scores(args)
 
 
 if __name__ == "__main__":
