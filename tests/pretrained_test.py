@@ -187,6 +187,22 @@ def rewrite_safetensors(folder: pathlib.Path, edit) -> None:
     save_file(weights, str(folder / "model.safetensors"))
 
 
+def test_sharded_huggingface_checkpoint(tmp_path, hf_tower):
+    from safetensors.numpy import load_file, save_file
+    folder = copy_hf(tmp_path, "full")
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, str(folder / file))
+    index = {"metadata": {}, "weight_map": {k: file for file, keys in shards.items() for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    tower = pretrained.load(folder)
+    pooled, _ = run(tower)
+    assert relative_error(pooled, expected("full")["pooler_output"]) < TOL
+
+
 def test_huggingface_strict_errors(tmp_path):
     folder = copy_hf(tmp_path, "full")
 
@@ -215,6 +231,8 @@ def test_huggingface_config_checks(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "image_size": 64}))
     with pytest.raises(ValueError, match="image_size 64"):
         pretrained.load(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "image_size": 39}))  # 39 // 8 == 4: fine
+    assert pretrained.load(folder).image_size == (32, 32)
     (folder / "config.json").unlink()
     with pytest.raises(ValueError, match="no config.json"):
         pretrained.load(folder)
@@ -282,8 +300,11 @@ def test_resize_posemb_shape_and_identity():
 def test_load_at_the_same_size_changes_nothing(hf_tower):
     same = pretrained.load(FIXTURES / "vision", image_size=32)
     np.testing.assert_array_equal(same.params["pos_embedding"], hf_tower.params["pos_embedding"])
-    with pytest.raises(ValueError, match="not a multiple of the patch size"):
-        pretrained.load(FIXTURES / "vision", image_size=30)
+    # the patch conv is VALID: 36 px still makes a 4x4 grid (like 384 px at patch 14: 27x27)
+    np.testing.assert_array_equal(pretrained.load(FIXTURES / "vision", image_size=36).params["pos_embedding"],
+                                  hf_tower.params["pos_embedding"])
+    with pytest.raises(ValueError, match="smaller than the patch size"):
+        pretrained.load(FIXTURES / "vision", image_size=7)
 
 
 # --- into an EmotionModel -----------------------------------------------------------------------

@@ -21,7 +21,9 @@ API:
     tower.config        ViT keyword arguments inferred from the checkpoint (width, depth,
                         mlp_dim, num_heads, patch_size, posemb, pool, scan)
     tower.params        the ViT's parameter tree (nested dicts of float32 numpy arrays)
-    tower.image_size    (height, width) the position embedding is laid out for
+    tower.image_size    (height, width) in pixels that the position grid covers: grid * patch
+                        (a 384 px So400m/14 has a 27x27 grid, 378 px; its VALID patch
+                        conv drops the remainder, so 384 px images work unchanged)
     tower.module(**kw)  ViT(**tower.config, **kw), e.g. module(dtype=jnp.bfloat16)
 
     params, loaded = init_tower(params, path, prefix="img")   # into an EmotionModel's tree
@@ -215,10 +217,10 @@ def _finish(path, flat, config, source, problems, image_size, scan) -> Tower:
     grid = _posemb_grid(flat, path)
     if image_size is not None:
         size = _pair(image_size)
-        if size[0] % config["patch_size"] or size[1] % config["patch_size"]:
-            raise ValueError(f"image_size {size} is not a multiple of the patch size {config['patch_size']} "
-                             f"of {path}")
+        # the patch embedding is a VALID conv: a remainder is dropped (So400m/14 at 384 px: 27x27)
         new_grid = (size[0] // config["patch_size"], size[1] // config["patch_size"])
+        if min(new_grid) < 1:
+            raise ValueError(f"image_size {size} is smaller than the patch size {config['patch_size']} of {path}")
         if "pos_embedding" in flat:
             flat["pos_embedding"] = resize_posemb(flat["pos_embedding"], new_grid)
         grid = new_grid
@@ -295,18 +297,17 @@ def _read_huggingface(path: pathlib.Path, ignore: Sequence[re.Pattern]):
     else:
         raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json "
                          "(only safetensors weights are read, not pytorch_model.bin)")
-    weights = {}
-    for f in files:
-        weights.update(_read_safetensors(f))
+    names = {f: _safetensors_names(f) for f in files}
     where = ", ".join(str(f) for f in files)
-
-    ends = [k for k in weights if k.endswith("embeddings.patch_embedding.weight")]
+    ends = [k for ks in names.values() for k in ks if k.endswith("embeddings.patch_embedding.weight")]
     if len(ends) != 1:
         raise ValueError(f"{where}: unrecognised layout: expected one image tower "
                          f"('[vision_model.]embeddings.patch_embedding.weight'), found {ends or 'none'}")
     prefix = ends[0][: -len("embeddings.patch_embedding.weight")]
-    tower = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    tower = {k: v for k, v in tower.items() if not tree.matches_any(k, ignore)}
+    tower = {}  # read only the image tower (a SiglipModel's text tower can be as big)
+    for f, ks in names.items():
+        wanted = [k for k in ks if k.startswith(prefix) and not tree.matches_any(k[len(prefix):], ignore)]
+        tower.update({k[len(prefix):]: v for k, v in _read_safetensors(f, wanted).items()})
 
     vision = config.get("vision_config", config) or {}
     settings = {k: vision.get(k, d) for k, d in _HF_DEFAULTS.items()}
@@ -333,18 +334,26 @@ def _read_huggingface(path: pathlib.Path, ignore: Sequence[re.Pattern]):
                posemb="learn", pool="map" if "head.probe" in tower else "gap")
     if "image_size" in vision and "pos_embedding" in flat:
         grid = _posemb_grid(flat, where)
-        if grid is not None and grid[0] * patch != int(vision["image_size"]):
+        if grid is not None and grid[0] != int(vision["image_size"]) // patch:
             raise ValueError(f"{config_path}: image_size {vision['image_size']} does not match the "
                              f"{grid[0]}x{grid[1]} position grid of patch {patch}")
     return flat, out, "huggingface", ([prefix + k for k in unexpected], [prefix + e for e in bad_shape], covered)
 
 
-def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+def _safetensors_names(path: pathlib.Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        return list(f.keys())
+
+
+def _read_safetensors(path: pathlib.Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """Those tensors of one file, floats as float32."""
     from safetensors import safe_open
 
     out, bf16 = {}, []
     with safe_open(str(path), framework="np") as f:
-        for key in f.keys():
+        for key in keys:
             dtype = f.get_slice(key).get_dtype()
             if dtype == "BF16":
                 bf16.append(key)
@@ -355,13 +364,15 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     if bf16:  # numpy has no bfloat16: read those byte ranges as ml_dtypes.bfloat16
         import ml_dtypes
 
-        raw = path.read_bytes()
-        header_len = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + header_len])
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
         for key in bf16:
             start, end = header[key]["data_offsets"]
-            data = np.frombuffer(raw, dtype=ml_dtypes.bfloat16, count=(end - start) // 2, offset=8 + header_len + start)
+            data = raw[8 + header_len + start:8 + header_len + end].view(ml_dtypes.bfloat16)
             out[key] = data.reshape(header[key]["shape"]).astype(np.float32)
+        del raw
     return out
 
 
