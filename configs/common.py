@@ -56,6 +56,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.head_hidden = ()          # hidden widths of an MLP before the emotion head
     c.model.head_dropout = 0.0
     c.model.extra_head = True         # valence / arousal / dominance / vulnerability
+    c.model.pretrained = ""           # SigLIP/SigLIP2 tower: big_vision .npz or HF folder (models/pretrained.py)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.soft_label_weight = 1.0    # CE against the rating distribution (HQ, Big)

@@ -31,7 +31,7 @@ from clu import periodic_actions
 from emonet_jax import checkpoint, losses, optim, sharding, tree, writers
 from emonet_jax.data import pipeline
 from emonet_jax.evaluate import model_eval
-from emonet_jax.models import emonet
+from emonet_jax.models import emonet, pretrained
 
 
 class NonFiniteLoss(RuntimeError):
@@ -127,13 +127,19 @@ def initial_state(trainer: Trainer) -> dict[str, Any]:
                 "params": params, "opt_state": trainer.tx.init(params)}
 
     state = jax.jit(init, out_shardings=trainer.state_shardings)()
+    if config.init_from and config.model.pretrained:
+        raise ValueError("set one of init_from (another run) and model.pretrained (a SigLIP tower), not both")
     if config.init_from:
         params, loaded = checkpoint.load_params(config.init_from, jax.device_get(state["params"]),
                                                 tuple(config.init_skip))
-        logging.info("initialised %d parameters from %s", len(loaded), config.init_from)
-        params = jax.device_put(params, trainer.state_shardings["params"])
-        state["params"] = params
-        state["opt_state"] = jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings["opt_state"])(params)
+    elif config.model.pretrained:
+        params, loaded = pretrained.init_tower(jax.device_get(state["params"]), config.model.pretrained)
+    else:
+        return state
+    logging.info("initialised %d parameters from %s", len(loaded), config.init_from or config.model.pretrained)
+    params = jax.device_put(params, trainer.state_shardings["params"])
+    state["params"] = params
+    state["opt_state"] = jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings["opt_state"])(params)
     return state
 
 

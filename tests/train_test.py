@@ -325,3 +325,17 @@ def test_transfer_scores_an_image_folder_with_a_trained_run(tmp_path, uninterrup
     hq_means = np.load(workdir / "eval" / "hq_predictions.npz")["intensity"].mean(0)
     np.testing.assert_allclose(raw - centred, np.broadcast_to(hq_means, raw.shape), atol=1e-5)
     assert ((raw >= 0) & (raw <= 7)).all()
+
+
+def test_model_pretrained_starts_the_tower_from_a_siglip_checkpoint():
+    from emonet_jax.models import pretrained
+    fixture = REPO / "tests" / "fixtures" / "siglip_tiny" / "vision"
+    config = tiny_config(**{"model.pretrained": str(fixture)})
+    trainer = train.build(config, train.make_mesh(config))
+    state = jax.device_get(train.initial_state(trainer))
+    tower = pretrained.load(fixture)
+    got = tree.flatten(state["params"]["img"])
+    assert max_difference([got[p] for p in sorted(got)], [tree.flatten(tower.params)[p] for p in sorted(got)]) == 0
+    with pytest.raises(ValueError, match="not both"):
+        train.initial_state(train.build(tiny_config(**{"model.pretrained": str(fixture), "init_from": "x"}),
+                                        train.make_mesh(config)))
