@@ -161,3 +161,14 @@ def test_global_numpy_rng_untouched():
     state = np.random.get_state()[1].copy()
     _render(np.zeros(NUM_PARAMS))
     np.testing.assert_array_equal(np.random.get_state()[1], state)
+
+
+def test_read_expression_inverts_expression_params():
+    matrix = faces.expression_matrix(EMOTIONS)
+    intensity = np.zeros(40)
+    intensity[EMOTIONS.index("Anger")], intensity[EMOTIONS.index("Fear")] = 6.0, 3.0
+    read = faces.read_expression(faces.expression_params(intensity, matrix), matrix)
+    assert read.shape == (40,) and read.min() >= 0 and read.max() <= 7
+    np.testing.assert_allclose(read, intensity, atol=1e-3)
+    batch = faces.read_expression(np.zeros((3, 2, NUM_PARAMS)), matrix)
+    assert batch.shape == (3, 2, 40) and not batch.any()

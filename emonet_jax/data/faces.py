@@ -138,6 +138,23 @@ def expression_params(intensity: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return np.clip(mixed, -PARAM_LIMIT, PARAM_LIMIT).astype(np.float32)
 
 
+def read_expression(params: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """The inverse of `expression_params`: the 0..7 intensities that best explain a face.
+
+    A non-negative least-squares fit of the facial parameters by the emotions' profiles
+    (scipy's NNLS, which picks a sparse explanation, as a person names a few emotions rather
+    than all 40 a little). On a face's exact parameters it recovers the intensities almost
+    exactly (clipping aside); on a noisy reading of them, emotions with near-equal profiles
+    trade intensity, so alike emotions are confused in proportion to how alike they are drawn.
+    `params`: [..., len(FACIAL_PARAMS)] -> [..., len(matrix)].
+    """
+    from scipy.optimize import nnls
+    basis = (np.asarray(matrix, np.float64) / 7.0).T          # [params, emotions]
+    flat = np.asarray(params, np.float64).reshape(-1, basis.shape[0])
+    out = np.stack([nnls(basis, p)[0] for p in flat]) if len(flat) else np.zeros((0, basis.shape[1]))
+    return np.clip(out, 0.0, 7.0).reshape(*np.shape(params)[:-1], basis.shape[1])
+
+
 # ----------------------------------------------------------------------------- appearance
 
 _SKIN_TONES = (
