@@ -89,6 +89,9 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.num_big = 1200
     c.input.image_size = 48
     c.input.threads = 2
+    # The synthetic faces draw some cues on one side (a one-sided lip corner means contempt,
+    # its mirror image doubt), so a horizontal flip would change the label.
+    c.input.flip = False
     c.model.variant = "mu/8"
     c.batch_size = 32
     c.total_steps = 300

@@ -339,3 +339,17 @@ def test_model_pretrained_starts_the_tower_from_a_siglip_checkpoint():
     with pytest.raises(ValueError, match="not both"):
         train.initial_state(train.build(tiny_config(**{"model.pretrained": str(fixture), "init_from": "x"}),
                                         train.make_mesh(config)))
+
+
+def test_the_agreement_cli_on_the_runs_csv_gives_the_trainers_numbers(tmp_path, uninterrupted, data_dir):
+    from emonet_jax.evaluate import agreement, model_eval
+    workdir, result = uninterrupted
+    source = pipeline.open_split("emonet_face_hq/64", "test", data_dir)
+    ids, names, table = model_eval.read_expert_ratings(source)
+    model_eval.write_hq_csv(tmp_path / "hq.csv", ids, table, names, [True] * len(names))
+    agreement.main([f"--ratings={tmp_path / 'hq.csv'}", f"--extra={workdir / 'eval' / 'hq_model.csv'}",
+                    f"--out={tmp_path / 'out'}", "--no-figures", "--bootstrap=10"])
+    cli = json.loads((tmp_path / "out" / "agreement.json").read_text())["annotators"]
+    trainer = result["eval"]["annotators"]
+    for name in [*names, "model"]:
+        assert cli[name]["mean_kappa"] == pytest.approx(trainer[name]["mean_kappa"], abs=1e-9), name

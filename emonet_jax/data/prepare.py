@@ -18,6 +18,8 @@ import time
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
+from emonet_jax.data import synthetic
+
 DATASETS = {"hq": "emonet_face_hq", "binary": "emonet_face_binary", "big": "emonet_face_big"}
 
 
@@ -45,6 +47,8 @@ class SyntheticSpec:
     image_size: int = 128            # the "original" PNGs (the real ones are 1024x1024)
     seed: int = 0
     schemas: tuple[tuple[str, str], ...] = (("hq", "path_label"), ("binary", "path_emotion"), ("big", "card"))
+    # Part of the cache key, so data made by an older generator is never reused by a newer one.
+    generator: int = synthetic.GENERATOR_VERSION
 
 
 def prepare_synthetic(data_dir, resolution: int, spec: SyntheticSpec = SyntheticSpec()) -> dict:
@@ -54,7 +58,6 @@ def prepare_synthetic(data_dir, resolution: int, spec: SyntheticSpec = Synthetic
     `data_dir/<spec hash>/` so that a different spec never reads stale records.
     Returns a summary per dataset (name, splits, sizes, bad rows, seconds).
     """
-    from emonet_jax.data import synthetic
     key = _spec_key(spec)
     root = pathlib.Path(data_dir)
     summary = {"data_dir": str(root / key), "resolution": resolution, "spec": dataclasses.asdict(spec)}
