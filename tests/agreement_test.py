@@ -240,6 +240,12 @@ def test_bootstrap_ci_is_seeded_and_matches_a_loop():
     ix, iy = rng.integers(0, 10, size=(50, 10)), rng.integers(0, 5, size=(50, 5))
     diffs = [x[ix[b]].mean() - y[iy[b]].mean() for b in range(50)]
     assert_close(got, np.percentile(diffs, [2.5, 97.5]))
+    cache = {}                                           # reused draws give the same CIs
+    assert agreement.bootstrap_mean_difference(x, y, 42, 50, cache) == got
+    assert agreement.bootstrap_mean_difference(x * 2, y, 42, 50, cache) == \
+        agreement.bootstrap_mean_difference(x * 2, y, np.random.default_rng(42), 50)
+    assert agreement.bootstrap_mean_difference(x, y + 1, 42, 50, cache) == \
+        agreement.bootstrap_mean_difference(x, y + 1, np.random.default_rng(42), 50)
 
 
 def test_group_comparisons_match_scipy(table):

@@ -191,12 +191,29 @@ def mann_whitney_u(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return u1, min(max(p, 0.0), 1.0)
 
 
-def bootstrap_mean_difference(x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
-                              resamples: int = BOOTSTRAP) -> list[float]:
-    """95% percentile CI of mean(x) - mean(y), resampling x and y independently."""
-    ix = rng.integers(0, x.size, size=(resamples, x.size))
-    iy = rng.integers(0, y.size, size=(resamples, y.size))
-    diffs = x[ix].mean(axis=1) - y[iy].mean(axis=1)
+def bootstrap_mean_difference(x: np.ndarray, y: np.ndarray, rng: np.random.Generator | int,
+                              resamples: int = BOOTSTRAP, cache: dict | None = None) -> list[float]:
+    """95% percentile CI of mean(x) - mean(y), resampling x and y independently.
+
+    `rng` may be a seed (a fresh generator). With a seed, `cache` keeps the resample indices
+    (and y's resampled means) across calls: the same seed and sizes draw the same indices, and
+    every model of hq.csv is compared with the same human-human values.
+    """
+    key = (rng, x.size, y.size, resamples) if cache is not None and isinstance(rng, int) else None
+    if key is None or key not in cache:
+        gen = np.random.default_rng(rng) if isinstance(rng, int) else rng
+        draws = (gen.integers(0, x.size, size=(resamples, x.size)), gen.integers(0, y.size, size=(resamples, y.size)))
+        if key is not None:
+            cache[key] = draws
+    ix, iy = cache[key] if key is not None else draws
+    y_key = None if key is None else (key, y.tobytes())
+    if y_key is not None and y_key in cache:
+        y_means = cache[y_key]
+    else:
+        y_means = y[iy].mean(axis=1)
+        if y_key is not None:
+            cache[y_key] = y_means
+    diffs = x[ix].mean(axis=1) - y_means
     return [float(v) for v in np.percentile(diffs, [2.5, 97.5])]
 
 
@@ -420,7 +437,7 @@ def _could_be_annotator(pairwise: np.ndarray, names: list[str], human: np.ndarra
                         bootstrap: int) -> dict:
     humans = np.flatnonzero(human)
     upper = np.triu(np.ones((len(names),) * 2, dtype=bool), k=1)      # unordered pairs
-    out = {}
+    out, cache = {}, {}
     for r, name in enumerate(names):
         others = humans[humans != r]
         mine = pairwise[r, others].ravel()
@@ -434,7 +451,7 @@ def _could_be_annotator(pairwise: np.ndarray, names: list[str], human: np.ndarra
             u, p = mann_whitney_u(mine, theirs)
             entry.update(p_value=p, verdict="yes" if p > P_THRESHOLD else "no", u_statistic=u,
                          mean_diff=float(mine.mean() - theirs.mean()),
-                         ci95=bootstrap_mean_difference(mine, theirs, np.random.default_rng(seed), bootstrap))
+                         ci95=bootstrap_mean_difference(mine, theirs, seed, bootstrap, cache))
         out[name] = entry
     return out
 
