@@ -353,3 +353,31 @@ def test_the_agreement_cli_on_the_runs_csv_gives_the_trainers_numbers(tmp_path, 
     trainer = result["eval"]["annotators"]
     for name in [*names, "model"]:
         assert cli[name]["mean_kappa"] == pytest.approx(trainer[name]["mean_kappa"], abs=1e-9), name
+
+
+def test_binary_cli_scores_the_held_out_split_with_a_trained_run(tmp_path, uninterrupted, data_dir):
+    from emonet_jax.evaluate import binary
+    workdir, _ = uninterrupted
+    assert binary.main([f"--workdir={workdir}", f"--data_dir={data_dir}", "--resolution=64",
+                        f"--out={tmp_path}"]) == 0
+    result = json.loads((tmp_path / "binary.json").read_text())
+    source = pipeline.open_split("emonet_face_binary/64", "validation", data_dir)
+    assert result["n_images"] + result["n_images_without_votes"] == len(source)
+    assert set(result["per_emotion"]) == set(train.emonet.taxonomy.NAMES)
+    assert "| " in (tmp_path / "binary.md").read_text()
+
+
+def test_reproduce_script_regenerates_the_tables_it_has_inputs_for(tmp_path, uninterrupted, data_dir):
+    from emonet_jax.evaluate import model_eval
+    workdir, _ = uninterrupted
+    ids, names, table = model_eval.read_expert_ratings(pipeline.open_split("emonet_face_hq/64", "test", data_dir))
+    model_eval.write_hq_csv(tmp_path / "hq.csv", ids, table, names, [True] * len(names))
+    env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path / "out"), HQ_CSV=str(tmp_path / "hq.csv"),
+               WORKDIR=str(workdir), DATA_DIR=str(data_dir), RESOLUTION="64")
+    run = subprocess.run(["bash", "experiments/reproduce.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for path in ("hq/agreement.json", "hq/agreement.tex", "binary/binary.json"):
+        assert (tmp_path / "out" / path).is_file(), path
+    assert "model" in json.loads((tmp_path / "out" / "hq" / "agreement.json").read_text())["annotators"]
+    assert "skipped FERD table (published outputs): FERD_JSONL not set" in run.stderr

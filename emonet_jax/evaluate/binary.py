@@ -281,3 +281,55 @@ def markdown_table(result: dict) -> str:
     if notes:
         lines.append("Skipped emotions — " + "; ".join(notes) + ".")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# CLI: a training run scored on the held-out Binary split.
+
+def score_split(run, source, batch_size: int = 64) -> dict:
+    """Presence probabilities of a `inference.Run` on every row of a Binary split."""
+    from PIL import Image
+    ids, targets, masks, scores = [], [], [], []
+    for start in range(0, len(source), batch_size):
+        rows = [source[i] for i in range(start, min(start + batch_size, len(source)))]
+        images = np.stack([np.asarray(Image.fromarray(r["image"]).resize((run.image_size,) * 2, Image.BILINEAR))
+                           for r in rows])
+        scores.append(run.predict(images)["presence"])
+        ids += [r["image_id"].decode() if isinstance(r["image_id"], bytes) else str(r["image_id"]) for r in rows]
+        targets.append(np.stack([r["binary_target"] for r in rows]))
+        masks.append(np.stack([r["binary_mask"] for r in rows]))
+    return {"image_ids": ids, "scores": np.concatenate(scores), "targets": np.concatenate(targets),
+            "mask": np.concatenate(masks)}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import pathlib
+    parser = argparse.ArgumentParser(prog="python -m emonet_jax.evaluate.binary",
+                                     description="Binary metrics of a training run on the held-out Binary split.")
+    parser.add_argument("--workdir", required=True, help="the training run (WORKDIR/config.json + checkpoints)")
+    parser.add_argument("--data_dir", required=True, help="TFDS data dir with the prepared emonet_face_binary")
+    parser.add_argument("--resolution", type=int, default=224, help="builder config of the records")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    from emonet_jax import inference
+    from emonet_jax.data import pipeline
+    run = inference.Run.load(args.workdir)
+    source = pipeline.open_split(f"emonet_face_binary/{args.resolution}", args.split, args.data_dir)
+    scored = score_split(run, source)
+    result = binary_metrics(scored["scores"], scored["targets"], scored["mask"], scored["image_ids"])
+    result["source"] = {"workdir": str(args.workdir), "split": f"emonet_face_binary/{args.resolution}:{args.split}"}
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "binary.json").write_text(json.dumps(result, indent=1))
+    (out / "binary.md").write_text(markdown_table(result))
+    print(markdown_table(result))
+    print(f"wrote {out / 'binary.json'} and {out / 'binary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
