@@ -123,8 +123,11 @@ def write_hq_csv(path, image_ids, ratings: np.ndarray, names, human) -> None:
 def summarise(result: dict, expert_names: list[str]) -> dict[str, float]:
     """The model's mean κ, the median expert's, and the gap (>= 0: expert level)."""
     annotators = result["annotators"]
-    expert = [annotators[n]["mean_kappa"] for n in expert_names]
+    # An annotator with no defined κ on any emotion has mean_kappa None (JSON null): NaN here,
+    # so the summary says "undefined" instead of crashing or inventing a number.
+    expert = [np.nan if annotators[n]["mean_kappa"] is None else annotators[n]["mean_kappa"] for n in expert_names]
     model = annotators[MODEL_NAME]["mean_kappa"]
-    median = float(np.median(expert))
+    model = np.nan if model is None else float(model)
+    median = float(np.nanmedian(expert)) if not np.isnan(expert).all() else np.nan
     return {"model_mean_kappa": model, "median_expert_mean_kappa": median, "model_minus_median_expert": model - median}
 
