@@ -346,7 +346,7 @@ def test_the_agreement_cli_on_the_runs_csv_gives_the_trainers_numbers(tmp_path, 
     workdir, result = uninterrupted
     source = pipeline.open_split("emonet_face_hq/64", "test", data_dir)
     ids, names, table = model_eval.read_expert_ratings(source)
-    model_eval.write_hq_csv(tmp_path / "hq.csv", ids, table, names, [True] * len(names))
+    agreement.write_hq_csv(model_eval.hq_rows(ids, table, names, [True] * len(names)), tmp_path / "hq.csv")
     agreement.main([f"--ratings={tmp_path / 'hq.csv'}", f"--extra={workdir / 'eval' / 'hq_model.csv'}",
                     f"--out={tmp_path / 'out'}", "--no-figures", "--bootstrap=10"])
     cli = json.loads((tmp_path / "out" / "agreement.json").read_text())["annotators"]
@@ -368,10 +368,10 @@ def test_binary_cli_scores_the_held_out_split_with_a_trained_run(tmp_path, unint
 
 
 def test_reproduce_script_regenerates_the_tables_it_has_inputs_for(tmp_path, uninterrupted, data_dir):
-    from emonet_jax.evaluate import model_eval
+    from emonet_jax.evaluate import agreement, model_eval
     workdir, _ = uninterrupted
     ids, names, table = model_eval.read_expert_ratings(pipeline.open_split("emonet_face_hq/64", "test", data_dir))
-    model_eval.write_hq_csv(tmp_path / "hq.csv", ids, table, names, [True] * len(names))
+    agreement.write_hq_csv(model_eval.hq_rows(ids, table, names, [True] * len(names)), tmp_path / "hq.csv")
     env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path / "out"), HQ_CSV=str(tmp_path / "hq.csv"),
                WORKDIR=str(workdir), DATA_DIR=str(data_dir), RESOLUTION="64")
     run = subprocess.run(["bash", "experiments/reproduce.sh"], cwd=REPO, env=env, capture_output=True, text=True,

@@ -7,7 +7,6 @@ Written to WORKDIR/eval/hq_agreement.{json,md} and WORKDIR/eval/hq_predictions.n
 
 from __future__ import annotations
 
-import csv
 import json
 import pathlib
 from typing import Any
@@ -102,22 +101,23 @@ class HQEvaluator:
             (eval_dir / "hq_agreement.json").write_text(json.dumps(result, indent=1, allow_nan=False))
             (eval_dir / "hq_agreement.md").write_text(f"HQ agreement at step {step}\n\n" + agreement.markdown_table(result))
             np.savez(eval_dir / "hq_predictions.npz", image_id=np.asarray(ids), **scores)
-            write_hq_csv(eval_dir / "hq_model.csv", ids, scores["intensity"][None], [MODEL_NAME], [False])
+            agreement.write_hq_csv(hq_rows(ids, scores["intensity"][None], [MODEL_NAME], [False]),
+                                   eval_dir / "hq_model.csv")
         return {**result, "summary": summary}
 
 
-def write_hq_csv(path, image_ids, ratings: np.ndarray, names, human) -> None:
-    """Annotators' scores [R, N, 40] (NaN = not rated) in the published hq.csv layout, e.g.
-    the model's, for `python -m emonet_jax.evaluate.agreement --ratings=hq.csv --extra=FILE`."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "annotator", "human", "annotations"])
-        for rows, name, is_human in zip(ratings, names, human):
-            for image_id, row in zip(image_ids, rows):
-                if np.isnan(row).all():
-                    continue
-                annotations = {taxonomy.key_of(e): float(v) for e, v in enumerate(row) if not np.isnan(v)}
-                writer.writerow([image_id, name, bool(is_human), repr(annotations)])
+def hq_rows(image_ids, ratings: np.ndarray, names, human) -> list[dict]:
+    """Annotators' scores [R, N, 40] (NaN = not rated) as rows of the published hq.csv layout
+    (write them with `agreement.write_hq_csv`; e.g. the model's, for
+    `python -m emonet_jax.evaluate.agreement --ratings=hq.csv --extra=FILE`)."""
+    rows = []
+    for scores, name, is_human in zip(ratings, names, human):
+        for image_id, row in zip(image_ids, scores):
+            if not np.isnan(row).all():
+                rows.append({"image": image_id, "annotator": name, "human": bool(is_human),
+                             "annotations": {taxonomy.key_of(e): float(v) for e, v in enumerate(row)
+                                             if not np.isnan(v)}})
+    return rows
 
 
 def summarise(result: dict, expert_names: list[str]) -> dict[str, float]:
