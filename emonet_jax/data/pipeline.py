@@ -79,12 +79,13 @@ def _select(example: Mapping[str, Any], image: np.ndarray) -> dict[str, np.ndarr
     out = {"image": to_unit_range(image)}
     out.update({k: np.asarray(example[k]) for k in LABEL_FIELDS})
     # Text features come back as bytes; ids are more useful as str on the host.
-    out["image_id"] = np.asarray(_text(example["image_id"]), dtype=object)
-    out["raters"] = np.asarray([_text(r) for r in example["raters"]], dtype=object)
+    out["image_id"] = np.asarray(as_text(example["image_id"]), dtype=object)
+    out["raters"] = np.asarray([as_text(r) for r in example["raters"]], dtype=object)
     return out
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
+    """A TFDS Text feature (bytes from data_source) as str."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

@@ -23,17 +23,13 @@ from emonet_jax.models import emonet
 MODEL_NAME = "model"
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def read_expert_ratings(source) -> tuple[list[str], list[str], np.ndarray]:
     """(image ids, expert names, ratings [experts, images, 40] with NaN where not rated)."""
     ids, raters, ratings = [], [], []
     for i in range(len(source)):
         example = source[i]
-        ids.append(_text(example["image_id"]))
-        raters.append([_text(r) for r in example["raters"]])
+        ids.append(pipeline.as_text(example["image_id"]))
+        raters.append([pipeline.as_text(r) for r in example["raters"]])
         ratings.append(np.asarray(example["ratings"]))
     names = sorted({r for row in raters for r in row if r})
     if not names:
