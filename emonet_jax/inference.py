@@ -72,7 +72,7 @@ def read_images(paths: Sequence, size: int) -> tuple[np.ndarray, list[int], list
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as im:
-                images.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
+                images.append(pipeline.resize(np.asarray(im.convert("RGB")), size))
             kept.append(i)
         except (OSError, UnidentifiedImageError, ValueError) as e:
             errors.append(f"{path}: cannot read image ({e})")

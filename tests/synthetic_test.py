@@ -73,11 +73,15 @@ def test_write_split_rejects_unknown_layout(tmp_path):
 # Binary votes.
 
 
+def written_split(tmp_path_factory, kind: str, num: int, schema: str):
+    out = tmp_path_factory.mktemp(kind)
+    synthetic.write_split(out, kind, num, seed=0, size=SIZE, schema=schema, rows_per_shard=num)
+    return out
+
+
 @pytest.fixture(scope="module")
 def binary_split(tmp_path_factory):
-    out = tmp_path_factory.mktemp("binary")
-    synthetic.write_split(out, "binary", 400, seed=0, size=SIZE, schema="path_emotion", rows_per_shard=400)
-    return out
+    return written_split(tmp_path_factory, "binary", 400, "path_emotion")
 
 
 def test_binary_vote_patterns_are_the_real_ones(binary_split):
@@ -144,9 +148,7 @@ def test_card_votes_equal_binary_csv(tmp_path):
 
 @pytest.fixture(scope="module")
 def hq_split(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hq")
-    synthetic.write_split(out, "hq", 150, seed=0, size=SIZE, schema="path_label", rows_per_shard=150)
-    return out
+    return written_split(tmp_path_factory, "hq", 150, "path_label")
 
 
 def expert_matrix(directory):

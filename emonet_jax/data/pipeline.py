@@ -52,7 +52,8 @@ def to_unit_range(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32) * (2 / 255) - 1
 
 
-def _resize(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+def resize(image: np.ndarray, size: int, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] -> [size, size, 3], bilinear, from `box` (left, top, right, bottom) or the whole image."""
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box))
 
 
@@ -92,7 +93,7 @@ def as_text(value) -> str:
 def augment_image(image: np.ndarray, rng: np.random.Generator, image_size: int, augment: Augment) -> np.ndarray:
     """Random resized crop to image_size, then a random flip (uint8 in, uint8 out)."""
     box = random_resized_crop_box(image.shape[0], image.shape[1], rng, augment)
-    image = _resize(image, box, image_size)
+    image = resize(image, image_size, box)
     if augment.flip and rng.random() < 0.5:
         image = image[:, ::-1]
     return image
@@ -104,7 +105,7 @@ def train_transform(example, rng: np.random.Generator, *, image_size: int, augme
 
 def eval_transform(example, *, image_size: int, crop: float):
     image = example["image"]
-    image = _resize(image, central_crop_box(image.shape[0], image.shape[1], crop), image_size)
+    image = resize(image, image_size, central_crop_box(image.shape[0], image.shape[1], crop))
     return _select(example, image)
 
 

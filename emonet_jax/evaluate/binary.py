@@ -288,14 +288,11 @@ def markdown_table(result: dict) -> str:
 
 def score_split(run, source, batch_size: int = 64) -> dict:
     """Presence probabilities of a `inference.Run` on every row of a Binary split."""
-    from PIL import Image
-
     from emonet_jax.data import pipeline
     ids, targets, masks, scores = [], [], [], []
     for start in range(0, len(source), batch_size):
         rows = [source[i] for i in range(start, min(start + batch_size, len(source)))]
-        images = np.stack([np.asarray(Image.fromarray(r["image"]).resize((run.image_size,) * 2, Image.BILINEAR))
-                           for r in rows])
+        images = np.stack([pipeline.resize(r["image"], run.image_size) for r in rows])
         scores.append(run.predict(images)["presence"])
         ids += [pipeline.as_text(r["image_id"]) for r in rows]
         targets.append(np.stack([r["binary_target"] for r in rows]))
