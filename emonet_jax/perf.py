@@ -1,0 +1,239 @@
+"""Compute benchmarks: the machine's peak matmul rate, the train step, and preparing a split.
+
+    from emonet_jax import perf
+    peak = perf.measure_peak_flops()                        # {'peak_flops_per_s': ..., ...}
+    config = perf.step_config("B/16", image_size=224, batch_size=8)
+    result = perf.bench_train_step(config, steps=5, peak=peak)
+    result = perf.bench_prepare(raw_dir, "hq", resolution=224)
+
+`python -m emonet_jax.bench peak|train_step|prepare` prints them as JSON (see bench.py).
+
+The train step is the trainer's own (`train.build` + `train.make_train_step`: sharded, state
+donated) on random images and labels. Its FLOPs are XLA's count for the global batch: the cost
+analysis of the step as lowered, before SPMD partitioning (a compiled, partitioned module
+counts one device's share plus the work every device repeats). XLA counts a while loop's body
+once, so for a scanned tower (`scan=True`) the count comes from the same step with the blocks
+unrolled, lowered but never compiled. With `remat=True` the count includes the recomputed
+forward pass: it is the work done, not the model's 6·N·T.
+
+The physical floor of a step is its FLOPs divided by the measured peak: the time the step
+would take if every FLOP ran at the speed of one large matmul.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from emonet_jax import train
+from emonet_jax.data import builder, pipeline
+from emonet_jax.labels import NUM_LEVELS
+from emonet_jax.models import vit
+
+# Dense (no sparsity) peak FLOP/s from the vendors' datasheets, by the start of
+# `device.device_kind`. JAX's float32 matmuls run as TF32 on these GPUs and as bfloat16 passes
+# on TPUs at default precision, so 'float32' lists those rates.
+DATASHEET_PEAK = (
+    ("NVIDIA H100 PCIe", {"bfloat16": 756e12, "float32": 378e12}),
+    ("NVIDIA H100", {"bfloat16": 989e12, "float32": 495e12}),     # SXM
+    ("NVIDIA H200", {"bfloat16": 989e12, "float32": 495e12}),
+    ("NVIDIA A100", {"bfloat16": 312e12, "float32": 156e12}),
+    ("TPU v4", {"bfloat16": 275e12, "float32": 275e12}),
+    ("TPU v5 lite", {"bfloat16": 197e12, "float32": 197e12}),
+    ("TPU v5", {"bfloat16": 459e12, "float32": 459e12}),          # v5p
+    ("TPU v6 lite", {"bfloat16": 918e12, "float32": 918e12}),
+)
+
+
+def datasheet_peak(device_kind: str, dtype: str) -> float | None:
+    """The datasheet's dense peak of one device, or None for an unknown kind (and every CPU)."""
+    for prefix, peaks in DATASHEET_PEAK:
+        if device_kind.startswith(prefix):
+            return peaks[dtype]
+    return None
+
+
+# --- peak ------------------------------------------------------------------------------------
+
+def measure_peak_flops(n: int | None = None, dtype: str = "float32", repeats: int = 5,
+                       iterations: int | None = None, device=None) -> dict:
+    """FLOP/s of `iterations` chained n x n matmuls on one device, the best of `repeats` runs.
+
+    On a CPU one device runs on all cores, so this is the machine's peak; on a GPU or TPU it is
+    one chip's. Defaults: n = 2048 on CPU (about 0.1 s a matmul on 2 cores), 8192 elsewhere.
+    """
+    device = device or jax.devices()[0]
+    cpu = device.platform == "cpu"
+    n = n or (2048 if cpu else 8192)
+    iterations = iterations or (2 if cpu else 20)
+    # Entries of variance 1/n keep the chained product's scale about constant.
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), dtype) / np.sqrt(n), device)
+    chain = jax.jit(lambda a: jax.lax.fori_loop(0, iterations, lambda _, x: a @ x, a))
+    chain(a).block_until_ready()                            # compile and warm up
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        chain(a).block_until_ready()
+        seconds.append(time.perf_counter() - start)
+    best = min(seconds)
+    return {"peak_flops_per_s": 2 * n ** 3 * iterations / best, "matmul_n": n, "matmul_dtype": dtype,
+            "matmul_iterations": iterations, "matmul_best_s": best, "device_kind": device.device_kind,
+            "platform": device.platform}
+
+
+# --- train step ------------------------------------------------------------------------------
+
+def step_config(variant: str, image_size: int, batch_size: int, dtype: str = "float32", remat: bool = False,
+                scan: bool = False, base=None):
+    """configs/common.py's defaults (or `base`) with the benchmark's model, image size and batch."""
+    from configs import common
+    config = copy.deepcopy(base) if base is not None else common.base()
+    config.model.variant = variant
+    config.input.image_size = image_size
+    config.batch_size = batch_size
+    config.model.compute_dtype = dtype
+    config.model.remat = remat
+    config.model.scan = scan
+    return config
+
+
+def random_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A host batch with every field the input pipeline yields, random, every mask true (so
+    each loss term is computed). Shapes and dtypes come from the records' features."""
+    rng = np.random.default_rng(seed)
+    spec = builder.features(image_size)
+    batch = {"image": rng.uniform(-1, 1, (batch_size, image_size, image_size, 3)).astype(np.float32)}
+    for key in pipeline.LABEL_FIELDS:
+        shape, dtype = (batch_size, *spec[key].shape), spec[key].np_dtype
+        if dtype == np.bool_:
+            batch[key] = np.ones(shape, bool)
+        elif np.issubdtype(dtype, np.integer):
+            batch[key] = rng.integers(0, NUM_LEVELS, shape).astype(dtype)
+        else:
+            batch[key] = rng.uniform(0, 1, shape).astype(dtype)
+    batch["soft_label"] /= batch["soft_label"].sum(-1, keepdims=True)
+    batch["binary_yes"] = np.minimum(batch["binary_yes"], batch["binary_votes"])
+    return batch
+
+
+def cost(stage) -> dict:
+    """`cost_analysis()` of a jax Lowered or Compiled as one dict (older jax returned a list)."""
+    analysis = stage.cost_analysis()
+    return analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+
+
+def step_flops(config, mesh, lowered, batch) -> float:
+    """FLOPs of one global step (see the module docstring for why unscanned and unpartitioned)."""
+    if not config.model.scan:
+        return float(cost(lowered)["flops"])
+    unrolled = copy.deepcopy(config)
+    unrolled.model.scan = False
+    trainer = train.build(unrolled, mesh)
+    state = jax.eval_shape(lambda: train.initial_state(trainer))
+    return float(cost(train.make_train_step(trainer).lower(state, batch))["flops"])
+
+
+def analytic_flops(num_params: int, config) -> float:
+    """6 · parameters · tokens · images: the usual estimate of a transformer's training FLOPs."""
+    _, patch = vit.parse_variant(config.model.variant)
+    tokens = (config.input.image_size // patch) ** 2
+    return 6.0 * num_params * tokens * config.batch_size
+
+
+def bench_train_step(config, steps: int, warmup: int = 1, peak: dict | None = None) -> dict:
+    """Compiles the trainer's step for `config`, runs `warmup` then `steps` timed steps."""
+    mesh = train.make_mesh(config)
+    trainer = train.build(config, mesh)
+    state = train.initial_state(trainer)
+    batch = pipeline.device_batch(random_batch(config.batch_size, config.input.image_size), trainer.batch_sharding)
+    start = time.perf_counter()
+    lowered = train.make_train_step(trainer).lower(state, batch)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    flops = step_flops(config, mesh, lowered, batch)
+    for _ in range(warmup):
+        state, metrics = jax.block_until_ready(compiled(state, batch))
+    seconds, cpu_seconds = [], []
+    for _ in range(steps):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        state, metrics = jax.block_until_ready(compiled(state, batch))   # the state is donated
+        seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - start_cpu)
+    loss = float(jax.device_get(metrics["loss"].compute()))
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"the benchmarked step's loss is {loss}")
+    median = float(np.median(seconds))
+    devices = mesh.devices.size
+    device = mesh.devices.flat[0]
+    num_params = int(sum(x.size for x in jax.tree.leaves(state["params"])))
+    result = {
+        "variant": config.model.variant, "image_size": config.input.image_size, "batch": config.batch_size,
+        "steps": steps, "warmup": warmup, "dtype": config.model.compute_dtype, "remat": config.model.remat,
+        "scan": config.model.scan, "params": num_params,
+        "images_per_s": config.batch_size / median, "median_step_s": median,
+        "p90_step_s": float(np.percentile(seconds, 90)), "step_s": seconds,
+        "median_step_cpu_s": float(np.median(cpu_seconds)), "compile_s": compile_s,
+        "flops_per_step": flops, "analytic_6nt_flops_per_step": analytic_flops(num_params, config),
+        "flops_per_s": flops / median, "loss": loss,
+        "platform": device.platform, "device_kind": device.device_kind, "device_count": devices,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    if peak:
+        result.update(against_peak(result, peak, devices))
+    return result
+
+
+def against_peak(result: dict, peak: dict, devices: int) -> dict:
+    """The step against the measured peak (and the datasheet's, for a known accelerator).
+
+    Simulated CPU devices share the same cores, so a CPU machine's peak is one device's.
+    """
+    per_device = peak["peak_flops_per_s"]
+    machine_peak = per_device if result["platform"] == "cpu" else per_device * devices
+    out = {"peak_flops_per_s": per_device, "peak_matmul_n": peak["matmul_n"],
+           "fraction_of_peak": result["flops_per_s"] / machine_peak,
+           "floor_step_s": result["flops_per_step"] / machine_peak}
+    sheet = datasheet_peak(result["device_kind"], result["dtype"])
+    if sheet:
+        out["datasheet_peak_flops_per_s"] = sheet
+        out["fraction_of_datasheet_peak"] = result["flops_per_s"] / (sheet * devices)
+    return out
+
+
+# --- prepare ---------------------------------------------------------------------------------
+
+# Runs in a fresh interpreter importing only what the prepare CLI imports, so that its peak
+# RSS is the build's own; prints one JSON line.
+_PREPARE_CHILD = """
+import json, resource, sys, time
+from emonet_jax.data import prepare
+kind, data_dir, resolution, raw = sys.argv[1:]
+rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+built = prepare.build(kind, data_dir, int(resolution), manual_dir=raw)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "maxrss_kb_before_build": rss_before,
+                  "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, **prepare.describe(built)}))
+"""
+
+
+def bench_prepare(raw_dir, kind: str, resolution: int, data_dir) -> dict:
+    """Builds `kind`'s records at `resolution` from the parquet shards in `raw_dir` into the
+    empty `data_dir`, in a subprocess; returns images/s and that process's peak RSS."""
+    if any(os.scandir(data_dir)):
+        raise ValueError(f"{data_dir} is not empty: a build there could be a no-op on old records")
+    command = [sys.executable, "-c", _PREPARE_CHILD, kind, str(data_dir), str(resolution), str(raw_dir)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    images = sum(child["splits"].values())
+    return {"dataset": child["name"], "images": images, "build_s": child["seconds"],
+            "images_per_s": images / child["seconds"],
+            "peak_rss_mb": child["maxrss_kb"] / 1024, "rss_mb_after_imports": child["maxrss_kb_before_build"] / 1024,
+            "bad_rows": child["bad_rows"]}
