@@ -126,6 +126,16 @@ def test_emotion_model_outputs_and_head_names():
     np.testing.assert_allclose(emonet.presence_probability(out["logits"]), 7 / 8, atol=1e-6)
 
 
+def test_pool_none_heads_read_every_token_at_its_position():
+    # With pool='none' the head's kernel has one row per (token, channel).
+    model = emonet.EmotionModel(img=vit.ViT.from_variant("mu/8", pool="none"), extra_head=False)
+    images = jnp.zeros((2, 32, 32, 3))
+    params = model.init(jax.random.key(0), images)["params"]
+    assert params["emotion_head"]["kernel"].shape == (16 * 32, 40 * 8)
+    out = model.apply({"params": params}, images)
+    assert out["logits"].shape == (2, 40, 8) and out["embedding"].shape == (2, 16, 32)
+
+
 def test_readouts_of_a_known_distribution():
     p = np.array([0.5, 0.0, 0.25, 0.0, 0.0, 0.0, 0.0, 0.25])
     logits = jnp.log(jnp.asarray(p) + 1e-30)[None]

@@ -47,7 +47,8 @@ class EmotionModel(nn.Module):
     @nn.compact
     def __call__(self, images, *, train: bool = False) -> dict[str, Any]:
         embedding, _ = self.img(images, train=train)
-        x = embedding.astype(jnp.float32)
+        # pool='none' keeps every token: the heads then read all of them, each at its position.
+        x = embedding.reshape(embedding.shape[0], -1).astype(jnp.float32)
         for i, width in enumerate(self.head_hidden):
             x = nn.relu(nn.Dense(width, name=f"head_hidden_{i}")(x))
             x = nn.Dropout(self.head_dropout)(x, deterministic=not train)
