@@ -10,6 +10,10 @@
 The state is a plain dict {step, params, opt_state, first_bad_step}. Everything random is
 a function of (seed, step) or (seed, example index), so a run restored from a checkpoint
 takes exactly the steps an uninterrupted run takes.
+
+Several processes (`jax.distributed`, see main.py) run this same function: the mesh spans
+every process's devices, each process loads its rows of the same global batches, all of
+them save the orbax checkpoints together, and only process 0 writes metrics and tables.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import optax
 from absl import logging
 from clu import metrics as clu_metrics
 from clu import periodic_actions
+from jax.experimental import multihost_utils
 
 from emonet_jax import checkpoint, losses, optim, sharding, tree, writers
 from emonet_jax.data import pipeline
@@ -59,21 +64,24 @@ def make_mesh(config, devices=None) -> jax.sharding.Mesh:
 # --- 2. input -------------------------------------------------------------------------------
 
 def train_input(config, data_dir, process_index=None, process_count=None) -> pipeline.Mixture:
-    """Every global batch takes rows from each (dataset, split, weight) source by weight."""
-    process_count = jax.process_count() if process_count is None else process_count
+    """Every global batch takes rows from each (dataset, split, weight) source by weight.
+
+    The global batches are the same for any number of processes; this process loads only its
+    rows of each (`pipeline.mixture`).
+    """
     weights = {f"{name}:{split}": weight for name, split, weight in config.data.train}
-    sizes = pipeline.mixture_batch_sizes(config.batch_size, weights, process_count)
+    sizes = pipeline.mixture_batch_sizes(config.batch_size, weights)
     augment = pipeline.Augment(scale=tuple(config.input.crop_scale), flip=config.input.flip)
-    datasets = {}
-    for i, (key, size) in enumerate(sizes.items()):
-        name, split = key.split(":")
+    streams = {}
+    for i, key in enumerate(sizes):
+        name, split = key.split(":", 1)  # a split may be a slice, "train[:10%]"
         source = pipeline.open_split(f"{name}/{config.data.resolution}", split, data_dir)
         # Distinct seeds per source: two sources of equal size must not shuffle alike.
-        datasets[key] = pipeline.train_dataset(
-            source, global_batch_size=size, image_size=config.input.image_size, seed=config.seed + 1000 * i,
-            augment=augment, process_index=process_index, process_count=process_count,
-            num_workers=config.input.num_workers, threads=config.input.threads)
-    return pipeline.Mixture(datasets)
+        streams[key] = pipeline.train_stream(source, image_size=config.input.image_size,
+                                             seed=config.seed + 1000 * i, augment=augment)
+    dataset = pipeline.mixture(streams, sizes, process_index=process_index, process_count=process_count,
+                               num_workers=config.input.num_workers, threads=config.input.threads)
+    return pipeline.Mixture(dataset, sizes)
 
 
 # --- 3. state -------------------------------------------------------------------------------
@@ -129,11 +137,13 @@ def initial_state(trainer: Trainer) -> dict[str, Any]:
     state = jax.jit(init, out_shardings=trainer.state_shardings)()
     if config.init_from and config.model.pretrained:
         raise ValueError("set one of init_from (another run) and model.pretrained (a SigLIP tower), not both")
+    if config.init_from or config.model.pretrained:
+        # Every process gets the whole tree (parameters may live on other processes' devices).
+        fresh = multihost_utils.process_allgather(state["params"], tiled=True)
     if config.init_from:
-        params, loaded = checkpoint.load_params(config.init_from, jax.device_get(state["params"]),
-                                                tuple(config.init_skip))
+        params, loaded = checkpoint.load_params(config.init_from, fresh, tuple(config.init_skip))
     elif config.model.pretrained:
-        params, loaded = pretrained.init_tower(jax.device_get(state["params"]), config.model.pretrained)
+        params, loaded = pretrained.init_tower(fresh, config.model.pretrained)
     else:
         return state
     logging.info("initialised %d parameters from %s", len(loaded), config.init_from or config.model.pretrained)
@@ -215,20 +225,39 @@ def make_train_step(trainer: Trainer):
 # --- 6. loop --------------------------------------------------------------------------------
 
 class _Preemption:
-    """SIGTERM sets a flag the loop checks between steps (the step in flight completes)."""
+    """SIGTERM -> `reached(step)` turns True between steps (the step in flight completes).
+
+    One process: our SIGTERM handler sets a flag. Several processes: a notice reaches one
+    host, but all must stop at the same step to save together; JAX's preemption sync manager
+    (started by `jax.distributed.initialize`, it catches SIGTERM itself, so no Python handler
+    is installed then) agrees on that step, and `reached` is True there on every process.
+    Several processes without `jax.distributed` (nothing to agree through): SIGTERM kills,
+    and the run resumes from its last periodic checkpoint.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._single = jax.process_count() == 1
+        self._synced = not self._single and jax.distributed.is_initialized()
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self._single and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+        elif not self._synced:
+            logging.warning("%d processes without jax.distributed: SIGTERM stops without a final checkpoint "
+                            "(run main.py with --distributed=yes)", jax.process_count())
         return self
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint after this step and exiting")
         self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if self._synced and multihost_utils.reached_preemption_sync_point(step):
+            logging.warning("preemption notice: every process saves a checkpoint at step %d and exits", step)
+            self.requested = True
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -266,22 +295,22 @@ def train_and_evaluate(config, workdir, data_dir) -> dict[str, Any]:
     # 1. mesh, 3. state (built before the input so config errors surface before data loads)
     mesh = make_mesh(config)
     trainer = build(config, mesh)
+    pipeline.check_process_rows(trainer.batch_sharding, config.batch_size)
     # 2. input
     train_iter = train_input(config, data_dir)
     evaluator = model_eval.HQEvaluator(config, data_dir, trainer)
     # 4. restore
     ckpt = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     state = initial_state(trainer)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, abstract_state(trainer, state))
+    restored = ckpt.restore_latest(abstract_state(trainer, state))  # skips unreadable steps, says which
+    if restored is not None:
+        latest, state, data_state = restored
         train_iter.set_state(data_state)
         logging.info("resumed from %s at step %d", ckpt.directory, latest)
-        if is_writer:
-            writers.drop_after(workdir / "metrics.jsonl", latest)
     step = int(jax.device_get(state["step"]))
-    if is_writer:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if is_writer:  # rows logged after that step go (also those of a run killed before its first checkpoint)
+        writers.drop_after(workdir / "metrics.jsonl", step)
+        checkpoint.record_config(workdir, config)  # a changed config is said, and the old one kept
     writer = writers.create(workdir, is_writer)
     if step == 0 and is_writer:
         writer.write_hparams({"num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"])))})
@@ -308,7 +337,7 @@ def train_and_evaluate(config, workdir, data_dir) -> dict[str, Any]:
                 accumulated = None
             if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
                 save(step)
-            if preemption.requested:
+            if preemption.reached(step):
                 save(step, force=True)
                 preempted = True
                 break

@@ -65,19 +65,40 @@ def test_iterator_state_resumes_exactly(synthetic_records):
         np.testing.assert_array_equal(got["soft_label"], want["soft_label"])
 
 
-def test_two_processes_train_on_disjoint_rows_covering_the_split(synthetic_records):
-    source = _source(synthetic_records, "big", "train")
-    all_ids = {source[i]["image_id"].decode() for i in range(len(source))}
-    seen = []
-    for p in range(2):
-        ds = pipeline.train_dataset(source, global_batch_size=4, image_size=40, seed=0,
-                                    process_index=p, process_count=2)
-        per_epoch = len(pipeline.process_rows(len(source), p, 2))
-        ids = [i for b in _take(ds, -(-per_epoch // 2)) for i in b["image_id"]][:per_epoch]
-        assert len(set(ids)) == len(ids) == per_epoch
-        seen.append(set(ids))
-    assert not seen[0] & seen[1]
-    assert len(all_ids - (seen[0] | seen[1])) == len(source) % 2
+def _mixture(records, process_index, process_count):
+    """12 Big + 4 Binary rows per global batch of 16."""
+    streams = {kind: pipeline.train_stream(_source(records, kind, "train"), image_size=40, seed=seed)
+               for kind, seed in (("big", 0), ("binary", 1000))}
+    dataset = pipeline.mixture(streams, {"big": 12, "binary": 4}, process_index=process_index,
+                               process_count=process_count, threads=1)
+    return pipeline.Mixture(dataset, streams)
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_processes_load_disjoint_slices_of_the_single_process_batches(synthetic_records, process_count):
+    # 4 batches cross the epoch of the 37-row Binary split; with 4 processes, process 3 loads
+    # only Binary rows and process 2 both sources.
+    single = _take(_mixture(synthetic_records, 0, 1), 4)
+    parts = [_take(_mixture(synthetic_records, p, process_count), 4) for p in range(process_count)]
+    for b, want in enumerate(single):
+        for key in ("image", "image_id", "soft_label", "binary_mask"):
+            np.testing.assert_array_equal(np.concatenate([part[b][key] for part in parts]), want[key])
+    judged = single[0]["binary_mask"].any(-1)  # Binary rows carry votes, Big rows none
+    assert not judged[:12].any() and judged[12:].all()
+
+
+def test_mixture_state_names_its_sources_and_reads_the_per_source_layout(synthetic_records):
+    it = _mixture(synthetic_records, 0, 1)
+    _take(it, 3)
+    state = it.get_state()
+    assert state["sources"] == ["big", "binary"]
+    expected = next(it)
+    for saved in (state, {"big": state["iterator"], "binary": state["iterator"]}):
+        resumed = _mixture(synthetic_records, 0, 1)
+        resumed.set_state(saved)
+        np.testing.assert_array_equal(next(resumed)["image"], expected["image"])
+    with pytest.raises(ValueError, match="this run trains on"):
+        _mixture(synthetic_records, 0, 1).set_state(dict(state, sources=["big", "hq"]))
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 4])

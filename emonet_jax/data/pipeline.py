@@ -1,13 +1,18 @@
 """Input pipeline: prepared records -> grain -> global `jax.Array` batches on the mesh.
 
 Reading uses `tfds.data_source` (array_record, random access, no TensorFlow). Every step
-below is a pure function of (seed, example index), so a run is reproducible whatever the
-number of grain workers, and the iterator state is a single index that the trainer
+below is a pure function of (seed, position), so a run is reproducible whatever the number
+of grain workers or processes, and the iterator state is a single index that the trainer
 checkpoints for an exact resume:
 
-  source --[process p keeps rows p, p+P, ...]--> shuffle(seed, per epoch) --> repeat
-         --> decode + augment (random resized crop, flip; rng per example) --> batch
+  source --> shuffle(seed, per epoch) --> repeat --> decode + augment (rng per position)
+         = one endless stream per source, the same on every process (`train_stream`)
+  global batch b = stream_0[b*n_0 : (b+1)*n_0] ++ stream_1[b*n_1 : ...] ++ ...  (`mixture`)
+         --> process p loads only its rows p*L ... (p+1)*L - 1 (L = B / P)
          --> [optional worker processes] --> make_array_from_process_local_data
+
+So the global batches do not depend on the number of processes: P processes train on the
+very batches one process would, each reading 1/P of every batch.
 
 Evaluation visits every row exactly once across processes; the last batch is padded, and
 `mask` says which rows are real, so all processes run the same number of batches.
@@ -17,6 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import pathlib
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -43,7 +51,23 @@ class Augment:
 
 
 def open_split(name: str, split: str, data_dir) -> Any:
-    """Random-access source over prepared records, e.g. ('emonet_face_hq/224', 'test')."""
+    """Random-access source over prepared records, e.g. ('emonet_face_hq/224', 'test').
+
+    Fails at once, naming what is wrong, if the records are not prepared under `data_dir`, the
+    split (or slice, 'train[:10%]') has no rows, or one of its shard files is missing (array_record
+    opens shards at their first read, which would fail deep inside the input pipeline).
+    """
+    records = pathlib.Path(data_dir).expanduser() / name
+    if not records.is_dir():
+        raise FileNotFoundError(f"no prepared records of {name} in {data_dir} (no folder {records}); "
+                                "prepare them with python -m emonet_jax.data.prepare")
+    info = tfds.builder(name, data_dir=str(data_dir)).info.splits[split]
+    if info.num_examples == 0:
+        raise ValueError(f"split {split!r} of {name} in {data_dir} has no rows")
+    missing = [fi.filename for fi in info.file_instructions if not os.path.exists(fi.filename)]
+    if missing:
+        raise FileNotFoundError(f"split {split!r} of {name} in {data_dir}: shard files missing: {missing}; "
+                                f"delete {records} and prepare it again")
     return tfds.data_source(name, split=split, data_dir=str(data_dir))
 
 
@@ -129,27 +153,60 @@ def _process(index: int | None, count: int | None, global_batch_size: int) -> tu
     return index, count
 
 
-def process_rows(num_rows: int, process_index: int, process_count: int) -> np.ndarray:
-    """Row indices a process trains on: disjoint across processes, together all rows
-    except at most `process_count - 1` from the end (so every process has as many)."""
-    usable = num_rows - num_rows % process_count
-    return np.arange(process_index, usable, process_count)
+def global_row(local_index, global_batch_size: int, process_index: int, process_count: int):
+    """Where a process's `local_index`-th row sits in the global sequence of rows.
+
+    Global batch b holds rows b*B ... b*B + B - 1 and process p holds its rows
+    p*L ... (p+1)*L - 1 (L = B / P), the rows its devices get from `device_batch`.
+    Works on ints and integer arrays.
+    """
+    local = global_batch_size // process_count
+    batch, offset = divmod(local_index, local)
+    return batch * global_batch_size + process_index * local + offset
+
+
+def train_stream(source, *, image_size: int, seed: int, augment: Augment = Augment()) -> grain.MapDataset:
+    """Endless shuffled (per epoch) and augmented examples of `source`, the same on every process.
+
+    Element g is row `perm_{g // n}[g % n]` cropped with an rng of (seed, g): random access,
+    so each process computes only the elements it trains on.
+    """
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    return ds.random_map(lambda x, rng: train_transform(x, rng, image_size=image_size, augment=augment), seed=seed)
+
+
+def mixture(streams: Mapping[str, grain.MapDataset], sizes: Mapping[str, int], *,
+            process_index: int | None = None, process_count: int | None = None, num_workers: int = 0,
+            threads: int = 8) -> grain.IterDataset:
+    """This process's local batches of global batches mixing `sizes[name]` rows of each stream.
+
+    Global batch b concatenates stream[b*n : (b+1)*n] of every stream in order (n = its size);
+    process p loads only the rows `global_row` gives it. E.g. sizes {big: 24, binary: 8} and
+    2 processes: process 0 loads big rows 0-15 of each batch, process 1 big 16-23 + binary 0-7.
+    """
+    global_batch_size = sum(sizes.values())
+    process_index, process_count = _process(process_index, process_count, global_batch_size)
+    names = list(sizes)
+    starts = np.cumsum([0] + [sizes[name] for name in names])[:-1]  # each stream's first row in a batch
+
+    def element(i: int):
+        batch, row = divmod(global_row(i, global_batch_size, process_index, process_count), global_batch_size)
+        k = int(np.searchsorted(starts, row, side="right")) - 1
+        return streams[names[k]][batch * sizes[names[k]] + row - int(starts[k])]
+
+    ds = grain.MapDataset.range(sys.maxsize).map(element)
+    ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+    return _finish(ds, num_workers, threads)
 
 
 def train_dataset(source, *, global_batch_size: int, image_size: int, seed: int,
                   augment: Augment = Augment(), process_index: int | None = None,
                   process_count: int | None = None, num_workers: int = 0,
                   threads: int = 8) -> grain.IterDataset:
-    """Infinite, shuffled, augmented batches of this process's share of `source`."""
-    process_index, process_count = _process(process_index, process_count, global_batch_size)
-    rows = process_rows(len(source), process_index, process_count)
-    if len(rows) == 0:
-        raise ValueError(f"split of {len(source)} rows leaves nothing for process {process_index} of {process_count}")
-    ds = grain.MapDataset.range(len(rows)).map(lambda i: source[int(rows[i])])
-    ds = ds.shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(lambda x, rng: train_transform(x, rng, image_size=image_size, augment=augment), seed=seed)
-    ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
-    return _finish(ds, num_workers, threads)
+    """Endless, shuffled, augmented local batches of one source (`mixture` of one stream)."""
+    stream = train_stream(source, image_size=image_size, seed=seed, augment=augment)
+    return mixture({"train": stream}, {"train": global_batch_size}, process_index=process_index,
+                   process_count=process_count, num_workers=num_workers, threads=threads)
 
 
 def eval_positions(num_rows: int, global_batch_size: int, process_index: int, process_count: int) -> np.ndarray:
@@ -158,10 +215,9 @@ def eval_positions(num_rows: int, global_batch_size: int, process_index: int, pr
     In global batch b, process p takes positions b*B + p*L ... b*B + (p+1)*L - 1
     (L = B / P). Positions >= num_rows are padding.
     """
-    local = global_batch_size // process_count
     num_batches = max(1, math.ceil(num_rows / global_batch_size))
-    batch = np.arange(num_batches)[:, None] * global_batch_size
-    return (batch + process_index * local + np.arange(local)[None, :]).reshape(-1)
+    local = np.arange(num_batches * (global_batch_size // process_count))
+    return global_row(local, global_batch_size, process_index, process_count)
 
 
 def eval_dataset(source, *, global_batch_size: int, image_size: int, crop: float = 0.875,
@@ -189,6 +245,21 @@ def device_batch(local: Mapping[str, np.ndarray], sharding: jax.sharding.Shardin
             for k, v in local.items() if k not in HOST_FIELDS}
 
 
+def check_process_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> None:
+    """Fails unless `sharding` puts rows p*L ... (p+1)*L - 1 of a global batch on this process's
+    devices, the rows the pipelines load here (`global_row`). True of meshes laid over
+    `jax.devices()` in order, which lists each process's devices together."""
+    index, count = _process(None, None, global_batch_size)
+    local = global_batch_size // count
+    rows = sorted({sl[0].indices(global_batch_size)[:2]
+                   for sl in sharding.addressable_devices_indices_map((global_batch_size,)).values()})
+    held = set().union(*(range(start, stop) for start, stop in rows))
+    if held != set(range(index * local, (index + 1) * local)):
+        raise ValueError(f"the batch sharding puts rows {rows} of a global batch of {global_batch_size} on process "
+                         f"{index} of {count}, which loads rows {index * local}-{(index + 1) * local - 1}; build "
+                         "the mesh over jax.devices() in their order")
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, batch_axes=("data",)) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
 
@@ -198,49 +269,52 @@ def batches(dataset: grain.IterDataset, sharding) -> Iterator[dict[str, jax.Arra
         yield device_batch(local, sharding)
 
 
-def mixture_batch_sizes(global_batch_size: int, weights: dict[str, float], process_count: int = 1) -> dict[str, int]:
-    """Rows of each source in a global batch: proportional to `weights` (largest remainder),
-    each a multiple of `process_count` so every process takes the same share of each source."""
-    if global_batch_size % process_count:
-        raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+def mixture_batch_sizes(global_batch_size: int, weights: dict[str, float]) -> dict[str, int]:
+    """Rows of each source in a global batch: proportional to `weights` (largest remainder).
+    Independent of the number of processes (`mixture` lets a process's rows span sources)."""
     bad = {k: w for k, w in weights.items() if not w > 0}
     if bad or not weights:
         raise ValueError(f"training source weights must be > 0, got {weights}")
-    units = global_batch_size // process_count
     total = sum(weights.values())
-    exact = {k: units * w / total for k, w in weights.items()}
+    exact = {k: global_batch_size * w / total for k, w in weights.items()}
     sizes = {k: math.floor(v) for k, v in exact.items()}
-    for k in sorted(exact, key=lambda k: sizes[k] - exact[k])[:units - sum(sizes.values())]:
+    for k in sorted(exact, key=lambda k: sizes[k] - exact[k])[:global_batch_size - sum(sizes.values())]:
         sizes[k] += 1
     empty = [k for k, v in sizes.items() if v == 0]
     if empty:
         raise ValueError(f"a global batch of {global_batch_size} leaves no rows for {empty} at weights {weights}; "
                          "raise the batch size or the weight")
-    return {k: v * process_count for k, v in sizes.items()}
+    return sizes
 
 
 class Mixture:
-    """Local batches that concatenate one batch of every training source, in a fixed order.
+    """The trainer's input: local batches of `mixture`, with a checkpointable state that names
+    the sources, so a run cannot resume onto a different mixture.
 
-    The state is one grain iterator state per source, so a checkpoint restores the exact
-    position of each stream.
+    The state is {'sources': [...], 'iterator': grain state (the next batch index)}; a state
+    saved with one iterator per source (before the sources shared one) is read too.
     """
 
-    def __init__(self, datasets: dict[str, grain.IterDataset]):
-        self._iterators = {name: iter(ds) for name, ds in datasets.items()}
+    def __init__(self, dataset: grain.IterDataset, sources):
+        self.sources = list(sources)
+        self._iterator = iter(dataset)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        parts = [next(it) for it in self._iterators.values()]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return next(self._iterator)
 
     def get_state(self) -> dict[str, Any]:
-        return {name: it.get_state() for name, it in self._iterators.items()}
+        return {"sources": self.sources, "iterator": self._iterator.get_state()}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if set(state) != set(self._iterators):
-            raise ValueError(f"iterator state has sources {sorted(state)}, this run trains on {sorted(self._iterators)}")
-        for name, it in self._iterators.items():
-            it.set_state(state[name])
+        if "iterator" not in state:  # one {'next_index': b} per source, every source at batch b
+            indices = {s.get("next_index") if isinstance(s, dict) else None for s in state.values()}
+            if len(indices) != 1 or None in indices:
+                raise ValueError(f"cannot read the data-iterator state {state}")
+            state = {"sources": list(state), "iterator": {"next_index": indices.pop()}}
+        if sorted(state["sources"]) != sorted(self.sources):
+            raise ValueError(f"iterator state has sources {sorted(state['sources'])}, "
+                             f"this run trains on {sorted(self.sources)}")
+        self._iterator.set_state(state["iterator"])
