@@ -1,0 +1,327 @@
+"""EmpathicInsight-Face: 40 emotion MLPs on a frozen image embedding, as ONE batched module.
+
+The published model is 40 separate MLPs, one per emotion, each mapping a 1152-d SigLIP2
+So400m pooled embedding to a 0-7 intensity (Small: 1152->128->32->1, Large:
+1152->1024->512->256->1, ReLU + dropout). Here the 40 MLPs are one module whose parameters
+carry a leading axis of 40 (`StackedDense`), so all heads train in one jitted step:
+
+    model = heads.Heads(hidden=heads.VARIANTS["small"], dropout=0.1)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 1152)))["params"]
+    scores = model.apply({"params": params}, embeddings)          # [B, D] -> [B, 40], taxonomy order
+
+Parameter names are `Dense_{i}/{kernel,bias}` with kernels [40, in, out] and biases
+[40, out]; head e (taxonomy.NAMES[e]) is slice e of every array (`head_params`), and `Head`,
+one emotion's MLP, applied to that slice gives the same numbers (a test checks it). Each head
+has its own initialisation and its own dropout masks, as 40 separate trainings would. The
+first layer, which reads the embedding and does most of the work, is a single
+[B, D] x [D, 40 * width] product; `compute_dtype='bfloat16'` runs it with bfloat16 operands
+and float32 accumulation (parameters stay float32).
+
+Inputs are the raw pooled embedding (`input_norm='none'`, what the published heads take) or
+its L2-normalised version (`'l2'`); nothing is learned about the inputs, so an export needs
+no input statistics.
+
+Export (what `python -m emonet_jax.predict` reads):
+
+    heads.export(out_dir, params, card)      # out_dir/heads.safetensors + out_dir/card.json
+    params, card = heads.load_export(out_dir)
+    out = heads.predict(params, card, embeddings)   # {'raw': [N, 40], 'mean_subtracted': [N, 40]}
+
+`heads.safetensors` holds float32 tensors named by their '/'-joined parameter path
+(`Dense_0/kernel` ...). `card.json` (`make_card`) holds everything needed to use them:
+
+    format            1
+    emotions          the 40 names in output order (= emonet_jax.taxonomy.NAMES)
+    head_names        the same as the published files' keys, model_<slug>_best
+    architecture      variant, hidden (list), input_dim, num_heads, activation, dropout, input_norm
+    backbone          the SigLIP tower whose pooled embedding is the input: backbone (its path at
+                      training time), backbone_config (ViT settings), backbone_fingerprint
+                      (embed.params_fingerprint), dtype (the tower's compute dtype)
+    preprocessing     image_size, whole image (no crop), bilinear resize, RGB, value_range [-1, 1]
+    mean_subtraction  means (40 floats), source (what they are the mean of), rule
+    training          per stage: split, epochs, target; seed; compute_dtype
+
+`mean_subtracted = raw - means`, the published files' convention. `load_export` is strict: a
+missing, unexpected or mis-shaped tensor, or a card whose emotion order is not this
+project's, fails in one error naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import numpy as safetensors_numpy
+
+from emonet_jax import taxonomy, tree
+
+NUM_HEADS = taxonomy.NUM_EMOTIONS
+VARIANTS = {"small": (128, 32), "large": (1024, 512, 256)}
+INPUT_NORMS = ("none", "l2")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+CARD_FORMAT = 1
+WEIGHTS_FILE = "heads.safetensors"
+CARD_FILE = "card.json"
+
+
+class ExportError(ValueError):
+    """An export that cannot be used as it is; the message names the file."""
+
+
+class Head(nn.Module):
+    """One emotion's MLP: [B, D] -> [B]; the reference that `Heads` batches 40 of."""
+    hidden: Sequence[int]
+    dropout: float = 0.0
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        for i, width in enumerate(self.hidden):
+            x = nn.relu(nn.Dense(width, name=f"Dense_{i}")(x))
+            x = nn.Dropout(self.dropout, deterministic=self.deterministic)(x)
+        return nn.Dense(1, name=f"Dense_{len(self.hidden)}")(x)[..., 0]
+
+
+@jax.custom_vjp
+def bf16_matmul(x, w):
+    """x [B, D] @ w [D, F] with bfloat16 operands and float32 accumulation and result.
+
+    Mixed precision with a bfloat16 backward too: both gradient products also take bfloat16
+    operands (autodiff would run them on the float32 cotangent, the slow path on CPU)."""
+    return _bf16_dot(x, w)
+
+
+def _bf16_dot(a, b):
+    return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def _bf16_matmul_fwd(x, w):
+    x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    return _bf16_dot(x, w), (x, w)
+
+
+def _bf16_matmul_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(jnp.bfloat16)
+    return _bf16_dot(g, w.T), _bf16_dot(x.T, g)
+
+
+bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+class StackedDense(nn.Module):
+    """`num_heads` Dense layers: kernel [heads, in, out], bias [heads, out].
+
+    x [B, in] (one input shared by every head) or [heads, B, in] -> [heads, B, out]. The shared
+    case is one [B, in] x [in, heads * out] product (most of the work: the first layer reads the
+    1152-d embedding), in bfloat16 with float32 accumulation when `compute_dtype` says so; the
+    per-head products that follow stay float32 (XLA's CPU batched dot has no bf16 x bf16 -> f32).
+    """
+    features: int
+    num_heads: int
+    compute_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        n_in = x.shape[-1]
+        # Each head initialised as its own nn.Dense would be (lecun normal over its fan-in, zero bias).
+        kernel = self.param("kernel", nn.initializers.lecun_normal(batch_axis=(0,)),
+                            (self.num_heads, n_in, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.num_heads, self.features))
+        if x.ndim == 2:
+            flat = jnp.transpose(kernel, (1, 0, 2)).reshape(n_in, self.num_heads * self.features)
+            y = bf16_matmul(x, flat) if self.compute_dtype == "bfloat16" else x @ flat
+            y = jnp.transpose(y.reshape(x.shape[0], self.num_heads, self.features), (1, 0, 2))
+        else:
+            y = jnp.einsum("ebi,eio->ebo", x, kernel)
+        return y + bias[:, None, :]
+
+
+class Heads(nn.Module):
+    """`num_heads` independent MLPs (`Head`) on the same input: [B, D] -> [B, num_heads]."""
+    hidden: Sequence[int] = VARIANTS["small"]
+    dropout: float = 0.0
+    input_norm: str = "none"
+    compute_dtype: str = "float32"
+    num_heads: int = NUM_HEADS
+
+    @nn.compact
+    def __call__(self, embeddings, *, train: bool = False):
+        x = normalize_inputs(embeddings.astype(jnp.float32), self.input_norm)
+        for i, width in enumerate(self.hidden):
+            x = nn.relu(StackedDense(width, self.num_heads, self.compute_dtype, name=f"Dense_{i}")(x))
+            # One mask over [heads, B, width]: every head draws its own.
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return StackedDense(1, self.num_heads, name=f"Dense_{len(self.hidden)}")(x)[..., 0].T
+
+
+def normalize_inputs(x, input_norm: str):
+    if input_norm == "none":
+        return x
+    if input_norm == "l2":
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    raise ValueError(f"input_norm {input_norm!r}: expected one of {INPUT_NORMS}")
+
+
+def build(variant: str, hidden: Sequence[int] = (), dropout: float = 0.0, input_norm: str = "none",
+          compute_dtype: str = "float32") -> Heads:
+    """Heads of a named variant; `hidden` (non-empty) overrides its layer sizes."""
+    if variant not in VARIANTS and not hidden:
+        raise ValueError(f"heads variant {variant!r}: expected one of {sorted(VARIANTS)} (or give hidden sizes)")
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"input_norm {input_norm!r}: expected one of {INPUT_NORMS}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype {compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
+    return Heads(hidden=tuple(hidden) or VARIANTS[variant], dropout=dropout, input_norm=input_norm,
+                 compute_dtype=compute_dtype)
+
+
+def param_shapes(hidden: Sequence[int], dim: int, num_heads: int = NUM_HEADS) -> dict[str, tuple[int, ...]]:
+    """{'Dense_i/kernel': (heads, in, out), 'Dense_i/bias': (heads, out)}."""
+    widths = [dim, *hidden, 1]
+    shapes = {}
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        shapes[f"Dense_{i}/kernel"] = (num_heads, n_in, n_out)
+        shapes[f"Dense_{i}/bias"] = (num_heads, n_out)
+    return shapes
+
+
+def head_params(params: Any, index: int) -> Any:
+    """The parameters of head `index` alone, for `Head.apply`."""
+    return jax.tree.map(lambda x: x[index], params)
+
+
+# --- export ---------------------------------------------------------------------------------
+
+def make_card(*, variant: str, hidden: Sequence[int], dim: int, dropout: float, input_norm: str,
+              cache_meta: dict[str, Any], means: np.ndarray, means_source: str,
+              training: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The export's card.json. `cache_meta` is the meta.json of the embedding cache the heads
+    were trained on (embed.py): it names the backbone and its preprocessing."""
+    means = np.asarray(means, np.float64)
+    if means.shape != (NUM_HEADS,) or not np.isfinite(means).all():
+        raise ValueError(f"means must be {NUM_HEADS} finite numbers, got shape {means.shape}")
+    return {
+        "format": CARD_FORMAT,
+        "model": "EmpathicInsight-Face heads (emonet_jax)",
+        "emotions": list(taxonomy.NAMES),
+        "head_names": [e.head_name for e in taxonomy.EMOTIONS],
+        "architecture": {"variant": variant, "hidden": list(hidden), "input_dim": int(dim), "num_heads": NUM_HEADS,
+                         "activation": "relu", "dropout": float(dropout), "input_norm": input_norm,
+                         "output": "raw 0-7 intensity per emotion (not clipped)"},
+        "backbone": {k: cache_meta.get(k) for k in ("backbone", "backbone_config", "backbone_fingerprint", "dtype")},
+        "preprocessing": {"image_size": cache_meta.get("image_size"), "crop": "none (the whole image)",
+                          "resize": "bilinear", "channels": "RGB", "value_range": [-1.0, 1.0],
+                          "embedding": "the tower's pooled output (MAP head), float32"},
+        "mean_subtraction": {"means": [float(m) for m in means], "source": means_source,
+                             "rule": "mean_subtracted = raw - means[emotion]"},
+        "training": training or {},
+    }
+
+
+def export(out_dir, params: Any, card: dict[str, Any]) -> pathlib.Path:
+    """Writes out_dir/heads.safetensors (float32, '/'-joined names) and out_dir/card.json.
+
+    The card is checked against the parameters first, so an export always loads back."""
+    out_dir = pathlib.Path(out_dir)
+    flat = {name: np.ascontiguousarray(np.asarray(x, np.float32)) for name, x in tree.flatten(params).items()}
+    problems = _mismatches(flat, card)
+    if problems:
+        raise ExportError(f"parameters do not match the card: {problems}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, write in ((WEIGHTS_FILE, lambda p: safetensors_numpy.save_file(flat, str(p))),
+                        (CARD_FILE, lambda p: p.write_text(json.dumps(card, indent=1, allow_nan=False) + "\n"))):
+        tmp = out_dir / (name + ".tmp")
+        write(tmp)
+        tmp.replace(out_dir / name)  # a reader never sees a half-written file
+    return out_dir
+
+
+def load_export(export_dir) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(params for `Heads.apply`, card) of an `export` folder; every problem in one error."""
+    export_dir = pathlib.Path(export_dir).expanduser()
+    card_path, weights_path = export_dir / CARD_FILE, export_dir / WEIGHTS_FILE
+    for path in (card_path, weights_path):
+        if not path.is_file():
+            raise ExportError(f"{path} not found: is {export_dir} a heads export (heads.export)?")
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{card_path}: not valid JSON ({e})") from None
+    if card.get("format") != CARD_FORMAT:
+        raise ExportError(f"{card_path}: card format {card.get('format')!r}, this code reads {CARD_FORMAT}")
+    if card.get("emotions") != list(taxonomy.NAMES):
+        raise ExportError(f"{card_path}: 'emotions' is not this project's taxonomy order "
+                          f"(emonet_jax.taxonomy.NAMES); the heads would be read as the wrong emotions")
+    try:
+        flat = safetensors_numpy.load_file(str(weights_path))
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise ExportError(f"{weights_path}: cannot read ({e})") from None
+    problems = _mismatches(flat, card)
+    if problems:
+        raise ExportError(f"{weights_path} does not match {card_path.name}: {problems}")
+    return tree.unflatten({k: v.astype(np.float32) for k, v in flat.items()}), card
+
+
+def _mismatches(flat: dict[str, np.ndarray], card: dict[str, Any]) -> str:
+    """'' if `flat` holds exactly the tensors the card's architecture needs, else what differs."""
+    try:
+        arch = card["architecture"]
+        expected = param_shapes(arch["hidden"], arch["input_dim"], arch["num_heads"])
+        means = card["mean_subtraction"]["means"]
+    except (KeyError, TypeError) as e:
+        return f"the card lacks {e}"
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    shape = [f"{k}: {tuple(flat[k].shape)} instead of {expected[k]}" for k in sorted(set(expected) & set(flat))
+             if tuple(flat[k].shape) != expected[k]]
+    parts = [f"{what}: {items}" for what, items in (("missing", missing), ("unexpected", unexpected),
+                                                     ("wrong shape", shape)) if items]
+    if len(means) != arch["num_heads"]:
+        parts.append(f"mean_subtraction.means has {len(means)} values for {arch['num_heads']} heads")
+    return "; ".join(parts)
+
+
+def module_from_card(card: dict[str, Any]) -> Heads:
+    arch = card["architecture"]
+    return Heads(hidden=tuple(arch["hidden"]), input_norm=arch["input_norm"], num_heads=arch["num_heads"])
+
+
+def predict(params: Any, card: dict[str, Any], embeddings: np.ndarray, batch_size: int = 4096) -> dict[str, np.ndarray]:
+    """Pooled embeddings [N, D] of the card's backbone -> {'raw', 'mean_subtracted'}: [N, 40] float32."""
+    embeddings = np.asarray(embeddings, np.float32)
+    dim = card["architecture"]["input_dim"]
+    if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+        raise ValueError(f"expected embeddings [N, {dim}] (the card's input_dim), got {embeddings.shape}")
+    raw = apply_in_batches(module_from_card(card), params, embeddings, batch_size)
+    means = np.asarray(card["mean_subtraction"]["means"], np.float32)
+    return {"raw": raw, "mean_subtracted": raw - means}
+
+
+def apply_in_batches(model: Heads, params: Any, embeddings: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """model(embeddings) in eval mode, one compiled shape (the last batch is padded)."""
+    fn = _eval_fn(model)
+    n = len(embeddings)
+    out = []
+    for start in range(0, n, batch_size):
+        chunk = embeddings[start:start + batch_size]
+        padded = np.zeros((min(batch_size, max(n, 1)),) + chunk.shape[1:], np.float32)
+        padded[:len(chunk)] = chunk
+        out.append(np.asarray(fn(params, padded))[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, model.num_heads), np.float32)
+
+
+_EVAL_FNS: dict[Heads, Any] = {}
+
+
+def _eval_fn(model: Heads):
+    # Modules are frozen dataclasses (hashable): one jitted function per configuration.
+    if model not in _EVAL_FNS:
+        _EVAL_FNS[model] = jax.jit(lambda params, x: model.apply({"params": params}, x))
+    return _EVAL_FNS[model]
