@@ -3,6 +3,8 @@
 The model becomes one more annotator of the HQ images; `agreement.hq_agreement` (the one
 implementation of the paper's protocol) scores every annotator against the human experts.
 Written to WORKDIR/eval/hq_agreement.{json,md} and WORKDIR/eval/hq_predictions.npz.
+`HQEvaluator` predicts with the ViT trainer's model; `evaluate_scores` takes scores from any
+model (the EmpathicInsight-Face heads trainer uses it).
 """
 
 from __future__ import annotations
@@ -82,24 +84,37 @@ class HQEvaluator:
         return {k: np.concatenate([c[k] for c in chunks])[:n] for k in chunks[0]}
 
     def run(self, params, step: int, writer, out_dir: pathlib.Path | None) -> dict[str, Any]:
-        ids, names, table = self.experts()
-        scores = self.predictions(params)
-        ratings = np.concatenate([table, scores["intensity"][None].astype(np.float64)])
-        human = [True] * len(names) + [False]
-        result = agreement.hq_agreement(ratings, names + [MODEL_NAME], human, full=False)
-        result["step"] = step
-        summary = summarise(result, names)
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items()})
-        writer.flush()
-        if out_dir is not None:
-            eval_dir = pathlib.Path(out_dir) / "eval"
-            eval_dir.mkdir(parents=True, exist_ok=True)
-            (eval_dir / "hq_agreement.json").write_text(json.dumps(result, indent=1, allow_nan=False))
-            (eval_dir / "hq_agreement.md").write_text(f"HQ agreement at step {step}\n\n" + agreement.markdown_table(result))
-            np.savez(eval_dir / "hq_predictions.npz", image_id=np.asarray(ids), **scores)
-            agreement.write_hq_csv(hq_rows(ids, scores["intensity"][None], [MODEL_NAME], [False]),
-                                   eval_dir / "hq_model.csv")
-        return {**result, "summary": summary}
+        return evaluate_scores(self.experts(), self.predictions(params), step, writer, out_dir)
+
+
+def evaluate_scores(experts, scores: dict[str, np.ndarray], step: int, writer,
+                    out_dir: pathlib.Path | None) -> dict[str, Any]:
+    """Any model's HQ scores scored as one annotator beside the experts, logged and written.
+
+    `experts`: (image ids, names, ratings [experts, images, 40]) from `read_expert_ratings`;
+    `scores`: {'intensity': 0-7 [images, 40] in the same image order, other arrays to save}.
+    Writes OUT_DIR/eval/hq_agreement.{json,md}, hq_predictions.npz (image_id + every score
+    array) and hq_model.csv. Returns the agreement result plus its 'summary'.
+    """
+    ids, names, table = experts
+    if scores["intensity"].shape != table.shape[1:]:
+        raise ValueError(f"intensity {scores['intensity'].shape} does not match the experts' {table.shape[1:]}")
+    ratings = np.concatenate([table, scores["intensity"][None].astype(np.float64)])
+    human = [True] * len(names) + [False]
+    result = agreement.hq_agreement(ratings, names + [MODEL_NAME], human, full=False)
+    result["step"] = step
+    summary = summarise(result, names)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items()})
+    writer.flush()
+    if out_dir is not None:
+        eval_dir = pathlib.Path(out_dir) / "eval"
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        (eval_dir / "hq_agreement.json").write_text(json.dumps(result, indent=1, allow_nan=False))
+        (eval_dir / "hq_agreement.md").write_text(f"HQ agreement at step {step}\n\n" + agreement.markdown_table(result))
+        np.savez(eval_dir / "hq_predictions.npz", image_id=np.asarray(ids), **scores)
+        agreement.write_hq_csv(hq_rows(ids, scores["intensity"][None], [MODEL_NAME], [False]),
+                               eval_dir / "hq_model.csv")
+    return {**result, "summary": summary}
 
 
 def hq_rows(image_ids, ratings: np.ndarray, names, human) -> list[dict]:
