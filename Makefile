@@ -7,7 +7,7 @@ DEMO_DIR ?= workdirs/demo
 # Tests run in parallel on the machine's cores (2 on the reference machine).
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean torch-venv
 
 install: $(STAMP)
 
@@ -27,5 +27,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m emonet_jax.bench pipeline
 
+# The PyTorch baselines of the benchmarks (benchmarks/*.py) run in their own venv with torch
+# alone (CPU wheel); torch is never a dependency of the project.
+TORCH_VENV := .venv-torch
+torch-venv: $(TORCH_VENV)/.installed
+
+$(TORCH_VENV)/.installed:
+	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install --quiet --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+	touch $@
+
 clean:
-	rm -rf $(VENV) workdirs .pytest_cache
+	rm -rf $(VENV) $(TORCH_VENV) workdirs .pytest_cache
