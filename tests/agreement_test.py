@@ -5,7 +5,9 @@ share no code with `emonet_jax.evaluate`.
 """
 
 import ast
+import csv
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -441,16 +443,102 @@ def test_parse_annotations_equals_literal_eval():
     assert agreement.parse_annotations(json.dumps({ANGER: 4, AMUSEMENT: None}), "here") == {ANGER: 4, AMUSEMENT: None}
 
 
+def plain_split(text):
+    """`_split_plain_csv` in the csv module's terms: (line, fields) per record, or None."""
+    data = text.encode()
+    split = agreement._split_plain_csv(data, 4)
+    if split is None:
+        return None
+    fields, starts, ends = split
+    last = [data[a:b].decode() for a, b in zip(starts, ends)]
+    return [(i + 2, [*lead, d]) for i, (lead, d) in enumerate(zip(zip(*fields), last))]
+
+
 def test_fast_csv_split_equals_the_csv_module(tmp_path):
     rows, _ = agreement.synthetic_hq(3, models=agreement.SYNTHETIC_MODELS[:3])
-    rows.append({"image": 'with "quote", comma', "annotator": "b", "human": True, "annotations": {}})
-    text = agreement.write_hq_csv(rows, tmp_path / "hq.csv").read_text()
-    assert agreement._split_simple_csv(text, 4) is None                  # a quoted leading field: slow path
-    simple = text.rsplit("\n", 2)[0] + "\n" + '9,json,True,"{""a"": 1, ""b"": """"}"\n\n10,x,False,{}\n'
-    fast = agreement._split_simple_csv(simple, 4)
-    assert fast == agreement._split_csv(simple)
-    assert fast[-2][1][3] == '{"a": 1, "b": ""}' and fast[-1][0] == simple.count("\n")
-    assert agreement._split_simple_csv(simple + '11,y,True,"{""a"" "b"}"\n', 4) is None   # a lone quote
+    crlf = agreement.write_hq_csv(rows, tmp_path / "hq.csv").read_bytes().decode()
+    assert "\r\n" in crlf
+    lf = crlf.replace("\r\n", "\n")
+    for text in (crlf, lf, lf.rstrip("\n"), lf.split("\n", 1)[0] + "\n", crlf + '9,x,True,"{}"\r\n'):
+        assert plain_split(text) == agreement._split_csv(text), text[-80:]
+    header, body = lf.split("\n", 1)
+    for text in (lf + '9,"quoted, lead",True,"{}"\n',         # a quoted leading field
+                 lf + '9,x,True,"{""a"": 1}"\n',                # a doubled quote inside the last field
+                 lf + "\n" + body,                              # a blank line
+                 lf + '9,x,True,{}\n',                          # an unquoted last field
+                 lf + '9,x,True,"{}"x\n',                       # text after the closing quote
+                 lf + '9,x"y,True,"{}"\n',                      # a quote inside a leading field
+                 header + "\r\n" + body,                        # line endings change
+                 lf.replace(",expert-", "\r,expert-", 1)):      # a stray carriage return
+        assert plain_split(text) is None, text[-80:]
+    # A last field over two lines: the split cannot see it (read_rows checks the fields the plain
+    # dict reader did not take; test_missing_column_and_line_numbers_after_a_multiline_record).
+
+
+def read_both_ways(tmp_path, texts):
+    """(ratings or error message) of CSV rows with these annotation texts: read_rows (plain path
+    first) and the per-row reader alone."""
+    path = tmp_path / "hq.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "annotator", "human", "annotations"])
+        writer.writerows([i, "a", True, t] for i, t in enumerate(texts))
+
+    def outcome(read):
+        try:
+            return read()
+        except agreement.AgreementInputError as e:
+            return re.sub(r" at 0x[0-9a-f]+", "", str(e))          # literal_eval's messages name objects
+
+    def per_row():
+        values = np.full((len(texts), E), np.nan)
+        agreement._read_dicts(texts, np.arange(len(texts)), lambda i: f"{path}:{i + 2}", values)
+        return values
+
+    return outcome(lambda: agreement.read_rows(path).values), outcome(per_row)
+
+
+PLAIN = {AMUSEMENT: 3, "Extra Dimensions|Valence": -2, ANGER: 0.12345678901234568, "Anger": 1}
+
+
+@pytest.mark.parametrize("text", [
+    # Plain: the vectorised reader takes them.
+    repr(PLAIN), repr({ANGER: 1e-05, AMUSEMENT: -0.0}), repr({AMUSEMENT: 2.9999999999999996}), "{}",
+    repr({"amusement": 7, "anger": 10}), repr({AMUSEMENT: 1.5e300}), repr({AMUSEMENT: 0, ANGER: 00}),
+    "{'" + AMUSEMENT + "': +3, '" + ANGER + "': 1E5}", "{'Awe': 07e0, 'anger': .5, 'Elation': 5.}",
+    # Not plain: the per-row reader decides (a value, an error, or a missing rating).
+    repr({AMUSEMENT: None}), repr({AMUSEMENT: True}), repr({AMUSEMENT: "high"}), repr({AMUSEMENT: float("nan")}),
+    "{'" + AMUSEMENT + "': 07}", "{'" + AMUSEMENT + "': 1e999}", "{'" + AMUSEMENT + "': 1_0}",
+    "{'" + AMUSEMENT + "': 0x10}", "{'" + AMUSEMENT + "':  3}", "{'" + AMUSEMENT + "': 3 }",
+    "{'" + AMUSEMENT + "':3}", "{'" + AMUSEMENT + "': 3,}", "{ '" + AMUSEMENT + "': 3}",
+    "{'" + AMUSEMENT + "': 3, '" + AMUSEMENT + "': 4}", repr({AMUSEMENT: 3, "amusement": 4}),
+    repr({"it's": 1}), "{'a\\'b': 1}", repr({"Nope|Anger": 1}), repr({AMUSEMENT: {"x": 1}}),
+    repr({AMUSEMENT: [1]}), "{'" + AMUSEMENT + "': 1-2}", "{'" + AMUSEMENT + "': -}", "{'" + AMUSEMENT + "': e5}",
+    "{'" + AMUSEMENT + "': 1}, {'" + ANGER + "': 2}", "{'" + AMUSEMENT + "' 3}", "{'" + AMUSEMENT + "': 3",
+    "[1, 2]", "", "{'a': 1.234567890123456789012345}", "{'" + AMUSEMENT + "': 3}x", "x{'" + AMUSEMENT + "': 3}",
+])
+def test_plain_reader_decides_like_the_per_row_reader(tmp_path, text):
+    # The text between plain rows, so that the vectorised reader sees all of them together.
+    rng = np.random.default_rng(0)
+    plain = [repr({taxonomy.key_of(e): float(v) for e, v in enumerate(rng.uniform(0, 7, E))}) for _ in range(3)]
+    fast, slow = read_both_ways(tmp_path, plain[:2] + [text] + plain[2:])
+    if isinstance(slow, str):
+        assert fast == slow
+    else:
+        np.testing.assert_array_equal(fast, slow)
+
+
+def test_plain_reader_takes_the_published_layouts_whole(tmp_path):
+    rows, _ = agreement.synthetic_hq(20)
+    rows[3]["annotations"] = dict(reversed(rows[3]["annotations"].items()))     # another key order
+    data = agreement.write_hq_csv(rows, tmp_path / "hq.csv").read_bytes()
+    fields, starts, ends = agreement._split_plain_csv(data, 4)
+    values, slow = agreement._plain_dict_values(data, starts, ends)
+    assert not slow.any()
+    texts = [data[a:b].decode() for a, b in zip(starts, ends)]
+    expected = np.full_like(values, np.nan)
+    agreement._read_dicts(texts, np.arange(len(texts)), str, expected)
+    np.testing.assert_array_equal(values, expected)
 
 
 def test_hume_rescale_default_and_option(tmp_path):

@@ -66,7 +66,7 @@ import math
 import pathlib
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -821,12 +821,17 @@ class Annotations:
 
 
 @dataclasses.dataclass
-class _Row:
-    where: str                   # 'file:line'
-    image: str
-    annotator: str
-    human: bool
-    annotations: object          # the raw dict literal (str) or a dict
+class Rows:
+    """One file's rows, column by column (`read_rows`)."""
+    path: pathlib.Path
+    lines: np.ndarray            # [rows] int: the line each row starts on
+    images: list[str]
+    annotators: list[str]
+    human: np.ndarray            # [rows] bool
+    values: np.ndarray           # [rows, 40] float64: the emotion ratings, NaN = not rated
+
+    def where(self, row: int) -> str:
+        return f"{self.path}:{self.lines[row]}"
 
 
 _TRUE = {"true", "1", "yes", "t", "y"}
@@ -842,9 +847,37 @@ def _flag(value, where: str) -> bool:
     raise AgreementInputError(f"{where}: human must be True or False, got {value!r}")
 
 
-def _rows_csv(path: pathlib.Path, human_default: bool | None) -> Iterator[_Row]:
-    text = path.read_text(encoding="utf-8")
-    header = next(csv.reader([text.split("\n", 1)[0]]), None)
+def _flags(values: Sequence, where) -> np.ndarray:
+    """`_flag` of each value (each distinct value parsed once); errors name the first bad row."""
+    parsed = {}
+    for i, value in enumerate(values):
+        if value not in parsed:
+            parsed[value] = _flag(value, where(i))
+    return np.fromiter(map(parsed.__getitem__, values), dtype=bool, count=len(values))
+
+
+def read_rows(path, human_default: bool | None = None) -> Rows:
+    """The rows of a CSV in the hq.csv layout, or of a JSONL file (by the `.jsonl` suffix).
+
+    `human_default`: the flag of rows without a `human` column/key (None: the column is required).
+    """
+    path = pathlib.Path(path)
+    rows = (_rows_jsonl if path.suffix.lower() == ".jsonl" else _rows_csv)(path, human_default)
+    if not rows.annotators:
+        raise AgreementInputError(f"{path}: no rows")
+    if "" in rows.images or "" in rows.annotators:
+        first = min(c.index("") for c in (rows.images, rows.annotators) if "" in c)
+        raise AgreementInputError(f"{rows.where(first)}: empty image or annotator")
+    return rows
+
+
+def _rows_csv(path: pathlib.Path, human_default: bool | None) -> Rows:
+    data = path.read_bytes()
+    line_end = data.find(b"\n")
+    try:
+        header = next(csv.reader([data[:line_end if line_end >= 0 else len(data)].decode("utf-8")]), None)
+    except UnicodeDecodeError as e:
+        raise AgreementInputError(f"{path}:1: not UTF-8 ({e})") from None
     if header is None:
         raise AgreementInputError(f"{path}: empty file")
     column = {name.strip(): i for i, name in enumerate(header)}
@@ -852,16 +885,38 @@ def _rows_csv(path: pathlib.Path, human_default: bool | None) -> Iterator[_Row]:
     missing = [c for c in required if c not in column]
     if missing:
         raise AgreementInputError(f"{path}:1: missing column(s) {missing}; found {header}")
-    records = _split_simple_csv(text, len(header)) if column["annotations"] == len(header) - 1 else None
-    if records is None:                    # quotes or line breaks where the fast path can't follow
-        records = _split_csv(text)
-    for line, record in records:
-        where = f"{path}:{line}"
-        if len(record) != len(header):
-            raise AgreementInputError(f"{where}: {len(record)} fields, the header has {len(header)}")
-        flag = _flag(record[column["human"]], where) if "human" in column else human_default
-        yield _Row(where, record[column["image"]].strip(), record[column["annotator"]].strip(), flag,
-                   record[column["annotations"]])
+    plain = _split_plain_csv(data, len(header)) if column["annotations"] == len(header) - 1 else None
+    if plain is not None:
+        fields, starts, ends = plain
+        lines = np.arange(2, len(starts) + 2)
+        values, slow = _plain_dict_values(data, starts, ends)
+        rows = np.flatnonzero(slow)                # the rest: one by one
+        annotations = {i: data[starts[i]:ends[i]] for i in rows.tolist()}
+        if any(b"\n" in text or b"\r" in text for text in annotations.values()):
+            plain = None                           # a dict over several lines: the line numbers move
+    if plain is None:                              # quotes or line breaks where the fast path can't follow
+        try:
+            records = _split_csv(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise AgreementInputError(f"{path}: not UTF-8 ({e})") from None
+        lines = np.array([line for line, _ in records], dtype=np.int64)
+        for line, record in records:
+            if len(record) != len(header):
+                raise AgreementInputError(f"{path}:{line}: {len(record)} fields, the header has {len(header)}")
+        fields = list(zip(*(record for _, record in records))) or [()] * len(header)
+        annotations, rows = fields[column["annotations"]], np.arange(len(records))
+        values = np.full((len(records), E), np.nan)
+    where = _where(path, lines)
+    human = (_flags(fields[column["human"]], where) if "human" in column
+             else np.full(len(lines), human_default, dtype=bool))
+    _read_dicts(annotations, rows, where, values)
+    return Rows(path, lines, list(map(str.strip, fields[column["image"]])),
+                list(map(str.strip, fields[column["annotator"]])), human, values)
+
+
+def _where(path: pathlib.Path, lines: np.ndarray):
+    """row -> 'file:line', for error messages."""
+    return lambda row: f"{path}:{lines[row]}"
 
 
 def _split_csv(text: str) -> list[tuple[int, list[str]]]:
@@ -876,38 +931,41 @@ def _split_csv(text: str) -> list[tuple[int, list[str]]]:
     return out
 
 
-def _split_simple_csv(text: str, columns: int) -> list[tuple[int, list[str]]] | None:
-    """The csv module's records when every line is one record whose leading fields are unquoted
-    and whose last field is unquoted or quoted whole (as hq.csv writes its dict column); None
-    as soon as a line is anything else. ~1.5x faster than csv.reader on hq.csv's 90 MB.
+def _split_plain_csv(data: bytes, columns: int) -> tuple[list[tuple[str, ...]], np.ndarray, np.ndarray] | None:
+    """(the leading `columns - 1` fields as columns, where each record's last field starts and ends
+    in `data`) when every record is one line: unquoted fields, then a last field quoted whole with
+    no '"' inside, as hq.csv writes its dict column. Record i is then on line i + 2 (unless a
+    last field holds a line break: `_rows_csv` checks the ones `_plain_dict_values` does not
+    take; it takes none with one). None as soon as the file is anything else (`_split_csv` reads
+    it then). Why: csv.reader steps through each of hq.csv's 90 MB of characters; here numpy
+    finds the quotes, and the dicts are read where they are.
     """
-    if "\r" in text:
+    buf = np.frombuffer(data, dtype=np.uint8)
+    body = data.find(b"\n") + 1
+    quotes = np.flatnonzero(buf == ord('"'))
+    if not body or quotes.size % 2 or (quotes.size and quotes[0] < body):
         return None
-    lines = text.split("\n")
-    out = []
-    for number, line in enumerate(lines[1:], start=2):
-        if not line:
-            continue
-        fields = line.split(",", columns - 1)
-        last = fields[-1]
-        if '"' in line[:len(line) - len(last)]:
-            return None
-        if last.startswith('"'):
-            inner = last[1:-1]
-            if len(last) < 2 or not last.endswith('"'):
-                return None
-            if '"' in inner:                   # only as doubled quotes: '""' stands for '"'
-                if inner.count('"') != 2 * inner.count('""'):
-                    return None
-                inner = inner.replace('""', '"')
-            fields[-1] = inner
-        elif '"' in last or "," in last:
-            return None
-        out.append((number, fields))
-    return out
+    opening, closing = quotes[0::2], quotes[1::2]
+    bounds = zip(np.append(body, closing + 1).tolist(), np.append(opening, len(data)).tolist())
+    leads = b"".join([data[a:b] for a, b in bounds])    # each record's fields and the line break before it
+    newline = b"\r\n" if data[body - 2:body] == b"\r\n" else b"\n"
+    lines = leads.split(newline)
+    if len(lines) == len(opening) + 1 and not lines[-1]:
+        lines.pop()                                      # after the file's final line break
+    text = b"\n".join(lines)
+    if len(lines) != len(opening) or text.count(b"\n") != max(len(lines) - 1, 0) or b"\r" in text:
+        return None                                      # blank lines, stray line breaks
+    try:
+        records = [line.split(",") for line in text.decode("utf-8").split("\n")] if lines else []
+    except UnicodeDecodeError:
+        return None
+    if any(len(r) != columns or r[-1] for r in records):  # r[-1]: text between the last comma and '"'
+        return None
+    return list(zip(*records))[:-1] or [()] * (columns - 1), opening + 1, closing
 
 
-def _rows_jsonl(path: pathlib.Path, human_default: bool | None) -> Iterator[_Row]:
+def _rows_jsonl(path: pathlib.Path, human_default: bool | None) -> Rows:
+    lines, images, annotators, flags, annotations = [], [], [], [], []
     with open(path, encoding="utf-8") as f:
         for number, text in enumerate(f, start=1):
             where = f"{path}:{number}"
@@ -924,21 +982,58 @@ def _rows_jsonl(path: pathlib.Path, human_default: bool | None) -> Iterator[_Row
                 missing.append("human")
             if missing:
                 raise AgreementInputError(f"{where}: missing key(s) {missing}")
-            flag = _flag(obj["human"], where) if "human" in obj else human_default
-            yield _Row(where, str(obj["image"]).strip(), str(obj["annotator"]).strip(), flag, obj["annotations"])
+            lines.append(number)
+            images.append(str(obj["image"]).strip())
+            annotators.append(str(obj["annotator"]).strip())
+            flags.append(_flag(obj["human"], where) if "human" in obj else human_default)
+            annotations.append(obj["annotations"])
+    lines = np.array(lines, dtype=np.int64)
+    values = np.full((len(lines), E), np.nan)
+    _read_dicts(annotations, np.arange(len(lines)), _where(path, lines), values)
+    return Rows(path, lines, images, annotators, np.array(flags, dtype=bool), values)
 
 
-def read_rows(path, human_default: bool | None = None) -> list[_Row]:
-    """Rows of a CSV in the hq.csv layout, or of a JSONL file (by the `.jsonl` suffix).
+# Annotations: Python dict literals ("{'Family|Emotion': 3, ...}") or JSON objects.
 
-    `human_default`: the flag of rows without a `human` column/key (None: the column is required).
-    """
-    path = pathlib.Path(path)
-    reader = _rows_jsonl if path.suffix.lower() == ".jsonl" else _rows_csv
-    rows = list(reader(path, human_default))
-    if not rows:
-        raise AgreementInputError(f"{path}: no rows")
-    return rows
+def _read_dicts(annotations, rows: np.ndarray, where, values: np.ndarray) -> None:
+    """values[i] = the 40 ratings (NaN = missing key or None) of annotations[i] (a dict or its
+    text) for each i in rows, one dict at a time; errors name the row (`where(i)`) and key."""
+    for index, (positions, columns), keys, table, fast in _parsed_by_layout(annotations, rows, where):
+        block = np.array(table, dtype=np.float64).reshape(len(index), len(keys))
+        bad = ~np.isfinite(block) & np.array(fast)[:, None]       # JSON's NaN / Infinity, 1e999
+        if bad.any():
+            i, p = np.argwhere(bad)[0]
+            raise AgreementInputError(f"{where(index[i])}: rating of {keys[p]!r} is {block[i, p]}, "
+                                      "not a finite number (leave the key out for 'not rated')")
+        values[np.ix_(index, columns)] = block[:, positions]
+
+
+def _parsed_by_layout(annotations, rows, where) -> list[tuple]:
+    """Per key layout: (row indices, `_key_columns`, keys, their values, whether each row had only
+    numbers), errors raised in the order of the rows."""
+    layouts: dict[tuple, tuple] = {}
+    for i in rows.tolist():
+        d = parse_annotations(_text(annotations[i], where(i)), where(i))
+        keys, values = tuple(d), list(d.values())
+        if keys not in layouts:
+            layouts[keys] = ([], _key_columns(keys, where(i)), keys, [], [])
+        plain = _NUMBER.issuperset(map(type, values))        # else None, bool, str...: one by one
+        if not plain:
+            values = [_checked(v, k, where(i)) for k, v in zip(keys, values)]
+        index, _, _, table, fast = layouts[keys]
+        index.append(i)
+        table.append(values)
+        fast.append(plain)
+    return list(layouts.values())
+
+
+def _text(raw, where: str):
+    if not isinstance(raw, bytes):
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AgreementInputError(f"{where}: annotations are not UTF-8 ({e})") from None
 
 
 _UNSET = object()
@@ -948,9 +1043,9 @@ _JSON = json.JSONDecoder()
 def parse_annotations(raw, where: str) -> dict:
     """The annotations dict from a Python literal (ast.literal_eval, never eval) or JSON text.
 
-    Why the json detour: literal_eval takes ~10x longer and hq.csv has 45k rows. A Python dict
-    repr without '"' or '\\' in it is valid JSON once its quotes are swapped, meaning the same
-    dict; anything else goes to literal_eval.
+    Why the json detour: literal_eval takes ~10x longer. A Python dict repr without '"' or '\\'
+    in it is valid JSON once its quotes are swapped, meaning the same dict; anything else goes to
+    literal_eval.
     """
     if isinstance(raw, dict):
         return raw
@@ -995,37 +1090,6 @@ def _key_columns(keys: tuple, where: str) -> tuple[np.ndarray, np.ndarray]:
 _NUMBER = {int, float}
 
 
-def _row_values(rows: list[_Row]) -> np.ndarray:
-    """[len(rows), 40] ratings (NaN = missing key or None) with errors naming line and key."""
-    out = np.full((len(rows), E), np.nan)
-    layouts: dict[tuple, tuple] = {}
-    by_layout: dict[tuple, tuple[list[int], list[list], list[bool]]] = {}
-    for i, row in enumerate(rows):
-        d = parse_annotations(row.annotations, row.where)
-        keys = tuple(d)
-        if keys not in layouts:
-            layouts[keys] = _key_columns(keys, row.where)
-            by_layout[keys] = ([], [], [])
-        values = list(d.values())
-        plain = _NUMBER.issuperset(map(type, values))        # else None, bool, str...: one by one
-        if not plain:
-            values = [_checked(v, k, row.where) for k, v in zip(keys, values)]
-        index, table, fast = by_layout[keys]
-        index.append(i)
-        table.append(values)
-        fast.append(plain)
-    for keys, (index, table, fast) in by_layout.items():
-        positions, columns = layouts[keys]
-        values = np.array(table, dtype=np.float64).reshape(len(index), len(keys))
-        bad = ~np.isfinite(values) & np.array(fast)[:, None]    # JSON's NaN / Infinity, 1e999
-        if bad.any():
-            i, p = np.argwhere(bad)[0]
-            raise AgreementInputError(f"{rows[index[i]].where}: rating of {keys[p]!r} is {values[i, p]}, "
-                                      "not a finite number (leave the key out for 'not rated')")
-        out[np.ix_(index, columns)] = values[:, positions]
-    return out
-
-
 def _checked(value, key, where: str) -> float:
     """One value off the fast path: None is missing; bool, str, NaN and the like are errors."""
     if value is None:
@@ -1033,6 +1097,206 @@ def _checked(value, key, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise AgreementInputError(f"{where}: rating of {key!r} is {value!r}, not a finite number")
     return float(value)
+
+
+# The plain layout, vectorised. hq.csv's 45k dicts are ~90 MB of text, mostly the same 40-44 keys
+# over and over; `_plain_dict_values` reads them with whole-buffer numpy operations, without a
+# Python object per key or value (only the numbers that are not single digits become floats).
+
+_TOKEN_WIDTH = 24                # longest number on the fast path: '-1.2345678901234567e-100'
+_NUMBER_CHARS = np.zeros(256, dtype=bool)
+_NUMBER_CHARS[list(b"0123456789+-.eE")] = True
+_MAX_LAYOUTS = 32                # key layouts tried before the remaining rows go one by one
+
+
+@dataclasses.dataclass
+class _Slots:
+    """The "'key': value" items ("slots") of the dicts at data[starts[r]:ends[r]], by their quotes."""
+    row: np.ndarray              # [slots] the dict each one is in
+    first: np.ndarray            # [rows] each dict's first slot
+    count: np.ndarray            # [rows] its number of slots (0 where its quotes don't pair up)
+    key: np.ndarray              # [slots] position of the quote opening the key
+    value: np.ndarray            # [slots] where the value's text starts (after "': ")
+    length: np.ndarray           # [slots] its length, up to ", '" or the dict's final '}'
+
+
+def _plain_dict_values(data: bytes, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ratings [rows, 40], slow [rows] bool) of the dicts at data[starts[r]:ends[r]].
+
+    A row is taken when its text is exactly "{'key': NUMBER, 'key': NUMBER, ...}" as `repr`
+    writes it (or '{}'), its keys a layout `_key_columns` accepts, none repeated, without '\\',
+    and each NUMBER a finite plain decimal (digits, '.', 'e', a sign) that `float` reads as Python
+    reads the literal. Every other row is `slow` (ratings NaN): `_read_dicts` reads those one by
+    one and raises the errors, so this path decides nothing the per-row reader would not.
+    """
+    rows = len(starts)
+    values = np.full((rows, E), np.nan)
+    if len(data) < 8:
+        return values, np.ones(rows, dtype=bool)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    slots, paired = _slots(buf, starts, ends)
+    number, plain = _numbers(buf, slots)
+    bad = ~paired | (np.bincount(slots.row[~plain], minlength=rows) > 0)
+    has = slots.count > 0
+    bad[has] |= buf[ends[has] - 1] != ord("}")
+    bad[~has] |= (ends - starts != 2)[~has] | (buf[starts] != ord("{"))[~has] | (buf[starts + 1] != ord("}"))[~has]
+    slow = np.ones(rows, dtype=bool)
+    for keys, members in _layouts(data, starts, slots, np.flatnonzero(~bad)):
+        columns = _plain_key_columns(keys)
+        if columns is not None:                      # else the per-row reader raises, naming the row
+            positions, emotions = columns
+            values[members[:, None], emotions] = number[slots.first[members][:, None] + positions]
+            slow[members] = False
+    return values, slow
+
+
+def _slots(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[_Slots, np.ndarray]:
+    """The slots of the dicts at buf[starts[r]:ends[r]], and which dicts have an even number of
+    quotes (an odd one is not plain: a quote inside a value or an escaped one)."""
+    quotes = np.flatnonzero(buf == ord("'"))
+    low, high = np.searchsorted(quotes, starts), np.searchsorted(quotes, ends)
+    paired = (high - low) % 2 == 0
+    n = np.where(paired, high - low, 0)
+    within = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    quotes = quotes[np.repeat(low, n) + within]          # the quotes inside the dicts that pair up
+    opening, closing = quotes[0::2], quotes[1::2]
+    count = n // 2
+    first = np.cumsum(count) - count
+    row = np.repeat(np.arange(len(starts)), count)
+    last = (first + count - 1)[count > 0]
+    end = np.empty_like(opening)
+    end[:-1] = opening[1:] - 2                           # before the ", '" of the next slot...
+    end[last] = ends[row[last]] - 1                      # ...or before the dict's '}'
+    value = closing + 3
+    return _Slots(row, first, count, opening, value, end - value), paired
+
+
+def _numbers(buf: np.ndarray, slots: _Slots) -> tuple[np.ndarray, np.ndarray]:
+    """(each slot's number, whether its text is a plain number, read exactly as Python would)."""
+    number = np.full(len(slots.value), np.nan)
+    start = np.minimum(slots.value, len(buf) - 1)
+    digit = (slots.length == 1) & (buf[start] >= ord("0")) & (buf[start] <= ord("9"))
+    number[digit] = buf[start[digit]] - ord("0")         # most ratings: one digit
+    wide = np.flatnonzero((slots.length > 1) & (slots.length <= _TOKEN_WIDTH)
+                          & (slots.value <= len(buf) - _TOKEN_WIDTH))
+    if wide.size:
+        window = np.lib.stride_tricks.sliding_window_view(buf, _TOKEN_WIDTH)[slots.value[wide]]
+        inside = np.arange(_TOKEN_WIDTH) < slots.length[wide, None]
+        plain = (_NUMBER_CHARS[window] | ~inside).all(axis=1) & ~_leading_zero_int(window, inside)
+        window[~inside] = ord(" ")
+        taken = wide[plain]
+        number[taken] = _floats(window[plain].tobytes().split())
+    return number, np.isfinite(number)
+
+
+def _leading_zero_int(window: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """'07', '-012': `float` reads them, Python's literal syntax does not (it allows '0', '00')."""
+    fraction = (((window == ord(".")) | (window == ord("e")) | (window == ord("E"))) & inside).any(axis=1)
+    signed = (window[:, 0] == ord("-")) | (window[:, 0] == ord("+"))
+    leading = np.where(signed, window[:, 1], window[:, 0])
+    nonzero = ((window >= ord("1")) & (window <= ord("9")) & inside).any(axis=1)
+    return ~fraction & (leading == ord("0")) & nonzero
+
+
+def _floats(tokens: list[bytes]) -> np.ndarray:
+    """float of each token; NaN where `float` does not read it ('1-2', 'e5', '.')."""
+    try:
+        return np.fromiter(map(float, tokens), dtype=np.float64, count=len(tokens))
+    except ValueError:
+        out = np.full(len(tokens), np.nan)
+        for i, token in enumerate(tokens):
+            try:
+                out[i] = float(token)
+            except ValueError:
+                pass
+        return out
+
+
+def _layouts(data: bytes, starts: np.ndarray, slots: _Slots, rows: np.ndarray):
+    """Yields (keys, the rows with exactly those keys) among `rows`.
+
+    A layout is the first remaining row's text around its values: for each slot, ", '" (or
+    '"{'' for the first) + key + "': ". The rows with as many slots are compared with it without
+    a Python object per key: rows whose values have the same lengths (say, all one-digit
+    ratings) read alike but for their values, so each such group compares whole rows with its
+    first one, and only that one with the layout, 8 bytes at a time. A row that differs waits
+    for a later layout.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8)
+    words = np.ndarray((len(data) - 7,), dtype="<u8", buffer=data, strides=(1,))   # unaligned 8-byte reads
+    rows = rows[slots.count[rows] > 0]
+    for _ in range(_MAX_LAYOUTS):
+        if not rows.size:
+            return
+        model = rows[0]
+        mine = slots.first[model] + np.arange(slots.count[model])
+        edges = [data[a:b] for a, b in zip((slots.key[mine] - 2).tolist(), slots.value[mine].tolist())]
+        candidates = rows[slots.count[rows] == len(edges)]
+        slot = slots.first[candidates][:, None] + np.arange(len(edges))      # [candidates, slots]
+        first, group = _groups(np.concatenate([slots.key[slot] - starts[candidates, None],
+                                               slots.value[slot] - slots.key[slot], slots.length[slot]], axis=1))
+        same = _same_edges(words, slots, slot[first], edges)[group]
+        order, size = np.argsort(group, kind="stable"), np.bincount(group)
+        for a, n in zip((np.cumsum(size) - size).tolist(), size.tolist()):
+            if n > 1:
+                members = order[a:a + n]
+                same[members] &= _same_text(buf, starts, slots, candidates[members])
+        if all(e[:3] == (b'"{\'' if j == 0 else b", '") and e[-3:] == b"': " for j, e in enumerate(edges)):
+            yield tuple(e[3:-3] for e in edges), candidates[same]
+        rows = np.setdiff1d(rows, candidates[same], assume_unique=True)
+        rows = rows[rows != model]
+
+
+def _groups(shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first row of each group, each row's group) of the equal rows of an int matrix.
+
+    Grouped by a 64-bit hash of the row (np.unique(axis=0) sorts whole rows: 10x slower); a row
+    whose hash collides with a different row's gets a group of its own.
+    """
+    mix = np.random.default_rng(0).integers(1, 2 ** 63, size=shape.shape[1], dtype=np.uint64) | np.uint64(1)
+    hashed = (shape.astype(np.uint64) * mix).sum(axis=1)           # wraps around: a hash
+    _, first, group = np.unique(hashed, return_index=True, return_inverse=True)
+    stray = np.flatnonzero((shape != shape[first[group]]).any(axis=1))
+    group[stray] = len(first) + np.arange(len(stray))
+    return np.concatenate([first, stray]), group
+
+
+def _same_text(buf: np.ndarray, starts: np.ndarray, slots: _Slots, rows: np.ndarray) -> np.ndarray:
+    """Which rows (whose slots sit where rows[0]'s do) read like rows[0] but for their values."""
+    mine = slots.first[rows[0]] + np.arange(slots.count[rows[0]])
+    size = slots.value[mine[-1]] + slots.length[mine[-1]] + 1 - starts[rows[0]]
+    text = np.lib.stride_tricks.sliding_window_view(buf, size)[starts[rows]]     # [rows, size]
+    value = np.zeros(size, dtype=bool)
+    for a, n in zip((slots.value[mine] - starts[rows[0]]).tolist(), slots.length[mine].tolist()):
+        value[a:a + n] = True
+    return ((text == text[0]) | value).all(axis=1)
+
+
+def _same_edges(words: np.ndarray, slots: _Slots, slot: np.ndarray, edges: list[bytes]) -> np.ndarray:
+    """Which rows of slots [rows, n] have exactly `edges` around their values, 8 bytes at a time."""
+    size = np.array([len(e) for e in edges])
+    start = slots.key[slot] - 2
+    same = (slots.value[slot] - start == size).all(axis=1)
+    start[~same] = 0                                                   # keeps every read inside data
+    differ = np.zeros(slot.shape, dtype=bool)
+    for w in range(-(-size.max() // 8)):
+        offset = np.minimum(8 * w, size - 8)                           # the last word may overlap
+        expected = np.array([int.from_bytes(e[o:o + 8], "little") for e, o in zip(edges, offset.tolist())],
+                            dtype=np.uint64)
+        differ |= words[start + offset] != expected
+    return same & ~differ.any(axis=1)
+
+
+def _plain_key_columns(raw_keys: tuple[bytes, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    """`_key_columns` of a layout of the fast path; None where the per-row reader must decide."""
+    try:
+        keys = tuple(k.decode("utf-8") for k in raw_keys)
+        # A repeated key: the dict keeps the last value. '\\': an escape. A line break: the line numbers move.
+        if len(set(keys)) == len(keys) and not any(c in k for k in keys for c in "\\\n\r"):
+            return _key_columns(keys, "")
+    except (UnicodeDecodeError, AgreementInputError):
+        pass
+    return None
 
 
 def read_annotations(ratings_path, extra_paths: Sequence = (), *,
@@ -1043,42 +1307,80 @@ def read_annotations(ratings_path, extra_paths: Sequence = (), *,
     annotator's rows must all come from one file; (image, annotator) must be unique.
     """
     files = [(pathlib.Path(ratings_path), None)] + [(pathlib.Path(p), False) for p in extra_paths]
-    rows, source, flag_of, seen = [], {}, {}, {}
-    for path, default in files:
-        for row in read_rows(path, default):
-            if not row.image or not row.annotator:
-                raise AgreementInputError(f"{row.where}: empty image or annotator")
-            if source.setdefault(row.annotator, str(path)) != str(path):
-                raise AgreementInputError(f"{row.where}: annotator {row.annotator!r} also has rows in "
-                                          f"{source[row.annotator]}; each annotator must come from one file")
-            first = seen.setdefault((row.image, row.annotator), row.where)
-            if first != row.where:
-                raise AgreementInputError(f"duplicate rating of image {row.image!r} by {row.annotator!r}: "
-                                          f"{first} and {row.where}")
-            flag, where = flag_of.setdefault(row.annotator, (row.human, row.where))
-            if flag != row.human:
-                raise AgreementInputError(f"{row.where}: {row.annotator!r} is human={row.human} here but "
-                                          f"human={flag} at {where}")
-            rows.append(row)
-    values = _row_values(rows)
+    parts = [read_rows(path, default) for path, default in files]
+    source = _one_file_per_annotator(parts)
+    annotator_ids, order = _codes([a for p in parts for a in p.annotators])
+    image_ids, images = _codes([i for p in parts for i in p.images])
+    flag = _one_flag_per_annotator(parts, annotator_ids, order)
     # Humans first (by name), then the others in the order of the files: the order of every table.
-    names = list(dict.fromkeys(r.annotator for r in rows))
-    names = sorted(n for n in names if flag_of[n][0]) + [n for n in names if not flag_of[n][0]]
-    images = list(dict.fromkeys(r.image for r in rows))
+    names = sorted(n for n, f in zip(order, flag) if f) + [n for n, f in zip(order, flag) if not f]
     name_index = {n: i for i, n in enumerate(names)}
-    image_index = {n: i for i, n in enumerate(images)}
-    a = np.array([name_index[r.annotator] for r in rows])
-    n = np.array([image_index[r.image] for r in rows])
+    a = np.array([name_index[n] for n in order], dtype=np.int64)[annotator_ids]
+    _no_duplicates(parts, annotator_ids * len(images) + image_ids, order, images)
     ratings = np.full((len(names), len(images), E), np.nan)
-    ratings[a, n] = values
+    ratings[a, image_ids] = np.concatenate([p.values for p in parts])
     rescaled = [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in rescale_patterns)]
     for name in rescaled:
         ratings[name_index[name]] *= MAX_RATING
-    human = np.array([flag_of[name][0] for name in names], dtype=bool)
+    human = np.array([flag[order.index(name)] for name in names], dtype=bool)
     has_row = np.zeros(ratings.shape[:2], dtype=bool)
-    has_row[a, n] = True
+    has_row[a, image_ids] = True
     report = _input_report(ratings, names, human, has_row, rescaled, files)
     return Annotations(ratings, names, human, images, source, report)
+
+
+def _codes(values: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(each value's index among the distinct values, the distinct values in order of appearance)."""
+    distinct = list(dict.fromkeys(values))
+    code = {v: i for i, v in enumerate(distinct)}
+    return np.fromiter(map(code.__getitem__, values), dtype=np.int64, count=len(values)), distinct
+
+
+def _locate(parts: Sequence[Rows], row: int) -> str:
+    """'file:line' of a row numbered across all files."""
+    for p in parts:
+        if row < len(p.annotators):
+            return p.where(row)
+        row -= len(p.annotators)
+    raise IndexError(row)
+
+
+def _one_file_per_annotator(parts: Sequence[Rows]) -> dict[str, str]:
+    source = {}
+    for p in parts:
+        mine = dict.fromkeys(p.annotators)
+        clash = [i for i, a in enumerate(p.annotators) if a in source] if source.keys() & mine.keys() else []
+        if clash:
+            name = p.annotators[clash[0]]
+            raise AgreementInputError(f"{p.where(clash[0])}: annotator {name!r} also has rows in "
+                                      f"{source[name]}; each annotator must come from one file")
+        source.update(dict.fromkeys(mine, str(p.path)))
+    return source
+
+
+def _one_flag_per_annotator(parts: Sequence[Rows], ids: np.ndarray, order: list[str]) -> np.ndarray:
+    """The human flag of each annotator of `order` (ids: each row's); all its rows must agree."""
+    human = np.concatenate([p.human for p in parts])
+    first = np.full(len(order), len(ids))
+    np.minimum.at(first, ids, np.arange(len(ids)))                  # each annotator's first row
+    wrong = np.flatnonzero(human != human[first][ids])
+    if wrong.size:
+        i, f = wrong[0], first[ids[wrong[0]]]
+        raise AgreementInputError(f"{_locate(parts, i)}: {order[ids[i]]!r} is human={bool(human[i])} here but "
+                                  f"human={bool(human[f])} at {_locate(parts, f)}")
+    return human[first]
+
+
+def _no_duplicates(parts: Sequence[Rows], pair: np.ndarray, annotators: list[str], images: list[str]) -> None:
+    """Each (annotator, image) pair code once; else the error names the first repeat and its original."""
+    order = np.argsort(pair, kind="stable")
+    repeat = np.flatnonzero(pair[order][1:] == pair[order][:-1]) + 1
+    if repeat.size:
+        again = order[repeat].min()                   # the first row (in file order) that repeats one
+        first = np.flatnonzero(pair == pair[again])[0]
+        annotator, image = divmod(int(pair[again]), len(images))
+        raise AgreementInputError(f"duplicate rating of image {images[image]!r} by {annotators[annotator]!r}: "
+                                  f"{_locate(parts, first)} and {_locate(parts, again)}")
 
 
 def _input_report(ratings, names, human, has_row, rescaled, files) -> dict:
