@@ -153,6 +153,19 @@ def test_spearman_vs_median_matches_scipy(table):
     assert "spearman_vs_median" not in result["annotators"]["h1"]
 
 
+def test_nan_median_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=(5, 7, 3)), 1)                 # ties
+    x[rng.random(x.shape) < 0.4] = np.nan
+    x[:, 0, 0] = np.nan                                          # nothing to take the median of
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)          # numpy: all-NaN slice
+        for axis in range(3):
+            np.testing.assert_array_equal(agreement.nan_median(x, axis), np.nanmedian(x, axis=axis))
+    v = rng.normal(size=8)
+    assert agreement.nan_median(v) == np.median(v) and agreement.nan_median(v[:7]) == np.median(v[:7])
+
+
 def test_spearman_ties_and_constants():
     rng = np.random.default_rng(2)
     a = rng.integers(0, 4, size=(6, 25)).astype(float)

@@ -134,17 +134,32 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks.reshape(a.shape)
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def nan_median(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """`np.nanmedian` along `axis`: NaN where all values are NaN.
+
+    Here because np.median / np.nanmedian import numpy.ma (~0.1 s of the CLI's start-up).
+    """
+    ordered = np.sort(values, axis=axis)                     # NaN sorts last
+    n = (~np.isnan(ordered)).sum(axis=axis, keepdims=True)
+    low = np.take_along_axis(ordered, np.maximum(n - 1, 0) // 2, axis=axis)
+    high = np.take_along_axis(ordered, n // 2, axis=axis)
+    return np.squeeze(np.where(n > 0, (low + high) / 2, np.nan), axis=axis)
+
+
+def spearman(a: np.ndarray, b: np.ndarray, a_ranks: np.ndarray | None = None) -> np.ndarray:
     """Spearman ρ of a and b along the last axis, over the positions where both are finite.
 
     Equals `scipy.stats.spearmanr` on those pairs; NaN with fewer than 2 pairs or a constant side.
+    `a_ranks` (optional): `average_ranks(a)`, used where b is finite wherever a is not NaN.
     """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     b_ok = np.isfinite(b)
     both = np.isfinite(a) & b_ok
     n = both.sum(axis=-1, keepdims=True)
     centre = (n + 1) / 2.0                                   # the mean of ranks 1..n, exactly
-    da = np.where(both, average_ranks(np.where(both, a, np.nan)) - centre, 0.0)
+    if a_ranks is None or not np.array_equal(both, ~np.isnan(a)):
+        a_ranks = average_ranks(np.where(both, a, np.nan))
+    da = np.where(both, a_ranks - centre, 0.0)
     if np.array_equal(np.broadcast_to(b_ok, both.shape), both):
         rb = average_ranks(np.where(b_ok, b, np.nan))        # a broadcast b: rank it once
     else:
@@ -273,18 +288,21 @@ def krippendorff_alpha_ci(values: np.ndarray, rng: np.random.Generator,
     return np.where(enough[None], ci, np.nan).transpose(*range(1, ci.ndim), 0)
 
 
-def calibrate(scores: np.ndarray, expert_levels: np.ndarray, num_levels: int = NUM_LEVELS) -> np.ndarray:
+def calibrate(scores: np.ndarray, expert_levels: np.ndarray, num_levels: int = NUM_LEVELS,
+              ranks: np.ndarray | None = None) -> np.ndarray:
     """Quantile-maps scores [M, N, E] onto the experts' pooled level marginals per emotion.
 
     expert_levels [H, N, E]: the experts' read-out levels (NaN = not rated). A score of mid-rank
     quantile q = (rank - 1/2) / n among the rater's n scores of that emotion becomes the smallest
     level k with P(expert level <= k) >= q. NaN stays NaN; an emotion no expert rated gives NaN.
+    `ranks` (optional): `average_ranks` of scores.transpose(0, 2, 1), if already known.
     """
     counts = np.stack([(expert_levels == k).sum(axis=(0, 1)) for k in range(num_levels)], axis=-1)
     total = counts.sum(axis=-1, keepdims=True)                       # [E, 1]
     with np.errstate(invalid="ignore", divide="ignore"):
         cdf = np.cumsum(counts, axis=-1) / total                      # [E, L]
-    ranks = average_ranks(np.asarray(scores, np.float64).transpose(0, 2, 1))   # [M, E, N]
+    if ranks is None:
+        ranks = average_ranks(np.asarray(scores, np.float64).transpose(0, 2, 1))   # [M, E, N]
     n = (~np.isnan(ranks)).sum(axis=-1, keepdims=True)
     q = (ranks - 0.5) / np.maximum(n, 1)
     level = (q[..., None] > cdf[None, :, None, :]).sum(axis=-1).astype(np.float64)
@@ -324,7 +342,7 @@ def _summary(per_emotion: np.ndarray, prefix: str = "") -> dict:
     out = {
         f"{prefix}mean_kappa": float(defined.mean()) if defined.size else None,
         f"{prefix}std_kappa": float(defined.std(ddof=1)) if defined.size > 1 else None,
-        f"{prefix}median_kappa": float(np.median(defined)) if defined.size else None,
+        f"{prefix}median_kappa": float(nan_median(defined)) if defined.size else None,
         f"{prefix}n_emotions": int(defined.size),
         f"{prefix}per_emotion_kappa": {name: _nan(v) for name, v in zip(NAMES, per_emotion)},
     }
@@ -367,9 +385,10 @@ def hq_agreement(ratings: np.ndarray, names: Sequence[str], human: Sequence[bool
 
 
 def _evaluate(ratings, names, human, *, full, seed, groups, demographics, bootstrap, min_group_images,
-              on_kappa=None) -> dict:
-    """`hq_agreement`; `on_kappa(partial result)` is called once the κ part (and, if full, the
-    pairwise matrix) is known, so that the CLI can draw those figures while the rest computes."""
+              on_figure_data=None) -> dict:
+    """`hq_agreement`; with full=True, `on_figure_data(partial result)` is called as soon as what
+    the figures show is known (κ's, the pairwise matrix, α), so that the CLI can draw them while
+    the rest computes."""
     ratings = np.asarray(ratings, dtype=np.float64)
     names = [str(n) for n in names]
     human = np.asarray(human, dtype=bool)
@@ -387,19 +406,6 @@ def _evaluate(ratings, names, human, *, full, seed, groups, demographics, bootst
         return json_ready(result)
     result["protocol"] = {**PROTOCOL, "bootstrap": bootstrap, "seed": seed}
     result["pairwise_mean_kappa"] = _pairwise_matrix(pairwise, names, human)
-    if on_kappa is not None:
-        on_kappa(json_ready(result))
-
-    machines = np.flatnonzero(~human)
-    for i in range(len(names)):
-        annotators[names[i]]["group"] = group_of(names[i], human[i], groups)
-    for i, rho in zip(machines, _spearman_vs_median(ratings, human)):
-        defined = rho[~np.isnan(rho)]
-        annotators[names[i]]["spearman_vs_median"] = float(defined.mean()) if defined.size else None
-        annotators[names[i]]["per_emotion_spearman"] = {n: _nan(v) for n, v in zip(NAMES, rho)}
-    for i, values in zip(machines, _calibrated_kappas(ratings, human)):
-        annotators[names[i]].update(_summary(values, prefix="calibrated_"))
-
     with_humans = np.flatnonzero(rated[human].any(axis=(0, 2)))       # images some human rated
     alpha_values = ratings[human][:, with_humans]
     alpha = krippendorff_alpha(alpha_values)
@@ -408,6 +414,20 @@ def _evaluate(ratings, names, human, *, full, seed, groups, demographics, bootst
     result["krippendorff_alpha_ci95"] = {n: [_nan(lo), _nan(hi)] for n, (lo, hi) in zip(NAMES, alpha_ci)}
     defined = alpha[~np.isnan(alpha)]
     result["krippendorff_alpha_mean"] = float(defined.mean()) if defined.size else None
+    if on_figure_data is not None:
+        on_figure_data(json_ready(result))
+
+    machines = np.flatnonzero(~human)
+    machine_ranks = average_ranks(ratings[machines].transpose(0, 2, 1))   # [M, E, N]: ρ and calibration
+    for i in range(len(names)):
+        annotators[names[i]]["group"] = group_of(names[i], human[i], groups)
+    for i, rho in zip(machines, _spearman_vs_median(ratings, human, machine_ranks)):
+        defined = rho[~np.isnan(rho)]
+        annotators[names[i]]["spearman_vs_median"] = float(defined.mean()) if defined.size else None
+        annotators[names[i]]["per_emotion_spearman"] = {n: _nan(v) for n, v in zip(NAMES, rho)}
+    for i, values in zip(machines, _calibrated_kappas(ratings, human, machine_ranks)):
+        annotators[names[i]].update(_summary(values, prefix="calibrated_"))
+
     result["could_be_annotator"] = _could_be_annotator(pairwise, names, human, seed, bootstrap)
     result["groups"] = _group_comparisons(per_emotion, names, human, groups, seed, bootstrap)
     if demographics:
@@ -415,18 +435,17 @@ def _evaluate(ratings, names, human, *, full, seed, groups, demographics, bootst
     return json_ready(result)
 
 
-def _spearman_vs_median(ratings: np.ndarray, human: np.ndarray) -> np.ndarray:
-    """[non-humans, E]: ρ of each non-human with the per-image median human rating."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)              # images no human rated
-        median = np.nanmedian(ratings[human], axis=0)                 # [N, E]
-    return spearman(ratings[~human].transpose(0, 2, 1), median.T[None])
+def _spearman_vs_median(ratings: np.ndarray, human: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """[non-humans, E]: ρ of each non-human with the per-image median human rating.
+    ranks: `average_ranks` of the non-humans' ratings [M, E, N]."""
+    median = nan_median(ratings[human], axis=0)                     # [N, E]
+    return spearman(ratings[~human].transpose(0, 2, 1), median.T[None], ranks)
 
 
-def _calibrated_kappas(ratings: np.ndarray, human: np.ndarray) -> np.ndarray:
+def _calibrated_kappas(ratings: np.ndarray, human: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     """[non-humans, E]: κ with the humans after quantile-mapping the non-humans' scores."""
     experts = ratings[human]
-    mapped = calibrate(ratings[~human], kappa_lib.readout(experts))
+    mapped = calibrate(ratings[~human], kappa_lib.readout(experts), ranks=ranks)
     k = kappa_lib.cross_quadratic_kappa(mapped, experts)               # [M, H, E]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)              # no defined κ with any human
@@ -468,7 +487,7 @@ def _group_comparisons(per_emotion: np.ndarray, names: list[str], human: np.ndar
         values[g] = v[~np.isnan(v)]
         summary[g] = {"n_values": int(values[g].size),
                       "mean": float(values[g].mean()) if values[g].size else None,
-                      "median": float(np.median(values[g])) if values[g].size else None,
+                      "median": float(nan_median(values[g])) if values[g].size else None,
                       "std": float(values[g].std(ddof=1)) if values[g].size > 1 else None}
     comparisons = []
     for i, g1 in enumerate(order):
@@ -696,6 +715,7 @@ def _cell_labels(fig, ax, matrix: np.ndarray) -> None:
     glyph outlines instead of r^2 Text artists: half the heatmap's drawing time at r = 22."""
     from matplotlib.collections import PathCollection
     from matplotlib.font_manager import FontProperties
+    from matplotlib.path import Path
     from matplotlib.textpath import TextPath
     from matplotlib.transforms import Affine2D
 
@@ -705,8 +725,11 @@ def _cell_labels(fig, ax, matrix: np.ndarray) -> None:
         label = f"{matrix[i, j]:.2f}"
         if label not in shapes:                        # centred on (0, 0), in points
             path = TextPath((0, 0), label, prop=font)
-            box = path.get_extents()
-            shapes[label] = path.transformed(Affine2D().translate(-(box.x0 + box.x1) / 2, -(box.y0 + box.y1) / 2))
+            # The outline's points (Bezier control points too) bound it: get_extents' exact curve
+            # bounds cost a third of the figure, for a shift far below a pixel.
+            points = path.vertices[path.codes != Path.CLOSEPOLY]
+            centre = (points.min(axis=0) + points.max(axis=0)) / 2
+            shapes[label] = path.transformed(Affine2D().translate(*-centre))
         paths.append(shapes[label])
     labels = PathCollection(paths, offsets=[(j, i) for i, j in cells], offset_transform=ax.transData,
                             facecolors="w", edgecolors="none")
@@ -1551,10 +1574,10 @@ def _split(text: str) -> list[str]:
 class _FigureWorker:
     """Draws the figures in a second process, so that they cost little wall time on 2+ cores.
 
-    The worker imports matplotlib (~1 s) while this process reads the ratings, draws the first
-    two figures while this process computes the rest, then the α figure. On Linux it is forked
-    at start-up, before any BLAS call or thread of ours (a spawned one would re-import numpy and
-    this module first: ~1 s more CPU); elsewhere spawned.
+    The worker imports matplotlib (~0.5-1 s) while this process reads the ratings, and draws the
+    figures as soon as κ and α are known, while this process computes the rest. On Linux it is
+    forked at start-up, before any BLAS call or thread of ours (a spawned one would re-import
+    numpy and this module first: ~1 s more CPU); elsewhere spawned.
     """
 
     def __init__(self, out_dir: pathlib.Path):
@@ -1566,8 +1589,8 @@ class _FigureWorker:
         self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method))
         self.jobs = [self.pool.submit(_import_matplotlib)]
 
-    def draw(self, names: Sequence[str], result: dict) -> None:
-        self.jobs += [self.pool.submit(draw_figure, name, result, self.out_dir) for name in names]
+    def draw(self, result: dict) -> None:
+        self.jobs += [self.pool.submit(draw_figure, name, result, self.out_dir) for name in FIGURES]
 
     def paths(self) -> list[pathlib.Path]:
         return [job.result() for job in self.jobs[1:]]
@@ -1597,13 +1620,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         extras = [n for n in table.names if table.source[n] != str(pathlib.Path(args.ratings))]
         groups = ((OURS, tuple(fnmatch_escape(n) for n in extras)),) + GROUPS
-        early = (lambda partial: worker.draw(FIGURES[:2], partial)) if worker else None
         result = _evaluate(table.ratings, table.names, table.human, full=True, seed=args.seed, groups=groups,
                            demographics=demographics, bootstrap=args.bootstrap,
-                           min_group_images=args.min_group_images, on_kappa=early)
-        if worker:
-            worker.draw(FIGURES[2:], {k: result[k] for k in ("annotators", "krippendorff_alpha",
-                                                                "krippendorff_alpha_ci95")})
+                           min_group_images=args.min_group_images,
+                           on_figure_data=worker.draw if worker else None)
         result["input"] = json_ready(table.report)
         if demo_report:
             result["demographics"]["input"] = demo_report
