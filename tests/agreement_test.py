@@ -529,6 +529,7 @@ PLAIN = {AMUSEMENT: 3, "Extra Dimensions|Valence": -2, ANGER: 0.1234567890123456
     repr({AMUSEMENT: [1]}), "{'" + AMUSEMENT + "': 1-2}", "{'" + AMUSEMENT + "': -}", "{'" + AMUSEMENT + "': e5}",
     "{'" + AMUSEMENT + "': 1}, {'" + ANGER + "': 2}", "{'" + AMUSEMENT + "' 3}", "{'" + AMUSEMENT + "': 3",
     "[1, 2]", "", "{'a': 1.234567890123456789012345}", "{'" + AMUSEMENT + "': 3}x", "x{'" + AMUSEMENT + "': 3}",
+    "{'" + AMUSEMENT + "': 3 4}", "{'" + AMUSEMENT + "': 12345678901234567890123}", "{'Awe': 0, 'Anger': -0.50}",
 ])
 def test_plain_reader_decides_like_the_per_row_reader(tmp_path, text):
     # The text between plain rows, so that the vectorised reader sees all of them together.
