@@ -66,7 +66,8 @@ class Run:
 def read_images(paths: Sequence, size: int) -> tuple[np.ndarray, list[int], list[str]]:
     """(uint8 [n, size, size, 3] of the readable files, their indices in `paths`, errors).
 
-    An unreadable or non-image file becomes one error line naming it; the rest go on.
+    An unreadable or non-image file (text, empty, truncated, a decompression bomb) becomes one
+    error line naming it; the rest go on.
     """
     images, kept, errors = [], [], []
     for i, path in enumerate(paths):
@@ -74,7 +75,7 @@ def read_images(paths: Sequence, size: int) -> tuple[np.ndarray, list[int], list
             with Image.open(path) as im:
                 images.append(pipeline.resize(np.asarray(im.convert("RGB")), size))
             kept.append(i)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             errors.append(f"{path}: cannot read image ({e})")
     stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
     return stacked, kept, errors

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
 from typing import Any
 
+from absl import logging
 from clu import metric_writers
 from clu.metric_writers import interface
 
@@ -27,10 +29,20 @@ class JsonlWriter(interface.MetricWriter):
         for k, v in scalars.items():
             v = float(v)
             row[k] = v if math.isfinite(v) else None
-        self._file.write(json.dumps(row) + "\n")
+        with self._naming_the_file():
+            self._file.write(json.dumps(row) + "\n")
 
     def flush(self) -> None:
-        self._file.flush()
+        with self._naming_the_file():
+            self._file.flush()
+
+    @contextlib.contextmanager
+    def _naming_the_file(self):
+        # A full disk raises "[Errno 28] No space left on device" without saying which file.
+        try:
+            yield
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {self.path}: {e.strerror or e}") from e
 
     def close(self) -> None:
         self._file.close()
@@ -45,12 +57,17 @@ class JsonlWriter(interface.MetricWriter):
 
 
 def drop_after(path, step: int) -> int:
-    """Removes lines logged after `step` (a resumed run logs those steps again); returns how many."""
+    """Removes lines logged after `step` (a resumed run logs those steps again) and a last line
+    cut short (a run killed, or a disk full, while writing it); returns how many."""
     path = pathlib.Path(path)
     if not path.exists():
         return 0
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+    text = path.read_text()
+    lines = text.splitlines()
+    complete = lines if text.endswith("\n") else lines[:-1]
+    if len(complete) < len(lines):
+        logging.warning("%s: dropping its unfinished last line %r", path, lines[-1][:100])
+    kept = [line for line in complete if not line.strip() or json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))

@@ -32,6 +32,10 @@ class TooManyBadRows(RuntimeError):
     pass
 
 
+class EmptySplit(ValueError):
+    """A split would have no rows (too few rows read, or all of them bad or held out)."""
+
+
 @dataclasses.dataclass
 class ResolutionConfig(tfds.core.BuilderConfig):
     resolution: int = 224
@@ -156,7 +160,7 @@ class EmoNetFaceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
         """Examples of one split; every pass reads all rows, so each split sees the bad ones."""
         resolution = self.builder_config.resolution
         name = split or self.SINGLE_SPLIT
-        rows_read, bad, ids = 0, [], set()
+        rows_read, bad, ids, yielded = 0, [], set(), 0
         for row in sources.iter_rows(files, schema):
             rows_read += 1
             try:
@@ -169,12 +173,16 @@ class EmoNetFaceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
                 continue
             ids.add(ex["image_id"])
             if split is None or sources.in_validation(ex["image_id"], self.VALIDATION_PERCENT) == (split == "validation"):
+                yielded += 1
                 yield ex["image_id"], ex
         # Same numbers in every pass: a bad row belongs to no split.
         self.info.metadata["bad_rows"] = {
             "count": len(bad), "rows_read": rows_read, "first": bad[:MAX_REPORTED_BAD_ROWS]}
         logging.info("%s %s: %d rows read, %d skipped", self.name, name, rows_read, len(bad))
         self._check_fraction(len(bad), rows_read, "rows")
+        if not yielded:  # TFDS would fail later with "No examples were yielded", naming no cause
+            raise EmptySplit(f"{self.name}: no row falls in the {name!r} split ({rows_read} rows read, "
+                             f"{len(bad)} bad, {len(ids)} in other splits); nothing was written")
 
     def _check_fraction(self, bad: int, total: int, what: str) -> None:
         if total and bad / total > self._max_bad_fraction:
