@@ -1,63 +1,22 @@
-"""The update step, sharding, optimizer options, checkpoints and exact resume."""
+"""The update step, sharding, optimizer options, checkpoints and exact resume.
 
-import functools
+Faults (kills, corrupt checkpoints, bad input, config typos) are in faults_test.py.
+"""
+
 import json
 import os
-import pathlib
-import signal
 import subprocess
 import sys
-import threading
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import REPO, first_batch, max_difference, setup, tiny_config, train_run
+from _helpers import main_command  # noqa: F401  (multihost_test imports it from here)
 
-from configs import hq
 from emonet_jax import checkpoint, optim, sharding, train, tree
 from emonet_jax.data import pipeline
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_config(**overrides):
-    c = hq.get_config("demo")
-    c.batch_size = 16
-    c.input.image_size = 32
-    c.input.threads = 1
-    c.total_steps = 6
-    c.log_every_steps = 2
-    c.checkpoint_every_steps = 2
-    c.eval_every_steps = 0
-    c.optimizer.warmup_steps = 2
-    for key, value in overrides.items():
-        node = c
-        *parents, name = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[name] = value
-    return c
-
-
-def first_batch(config, data_dir):
-    return next(train.train_input(config, data_dir))
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(overrides: tuple, num_devices: int):
-    """(trainer, jitted step, host copy of the initial state): compiling is most of a test's
-    time on 2 cores, so each (config, mesh) is built once per test process."""
-    config = tiny_config(**dict(overrides))
-    trainer = train.build(config, train.make_mesh(config, jax.devices()[:num_devices]))
-    return trainer, train.make_train_step(trainer), jax.device_get(train.initial_state(trainer))
-
-
-def setup(num_devices=8, **overrides):
-    """(trainer, step, a fresh initial state on the mesh)."""
-    trainer, step, host_state = _compiled(tuple(sorted(overrides.items())), num_devices)
-    return trainer, step, jax.device_put(host_state, trainer.state_shardings)
 
 
 def one_step(data_dir, num_devices=8, steps=1, **overrides):
@@ -68,11 +27,6 @@ def one_step(data_dir, num_devices=8, steps=1, **overrides):
         state, metrics = step(state, pipeline.device_batch(local, trainer.batch_sharding))
         losses.append(float(metrics["loss"].compute()))
     return jax.device_get(state), losses
-
-
-def max_difference(a, b):
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 @pytest.fixture(scope="module")
@@ -135,18 +89,6 @@ def test_layer_decay_scales_blocks_by_depth():
     np.testing.assert_allclose(scanned.reshape(-1), [d ** 4, d ** 3, d ** 2, d ** 1])
 
 
-def test_a_non_finite_step_is_not_applied_and_names_the_step(data_dir):
-    trainer, step, state = setup()
-    local = first_batch(trainer.config, data_dir)
-    state, _ = step(state, pipeline.device_batch(local, trainer.batch_sharding))
-    good = jax.device_get(state["params"])
-    poisoned = dict(local, image=np.full_like(local["image"], np.nan))
-    state, _ = step(state, pipeline.device_batch(poisoned, trainer.batch_sharding))
-    assert max_difference(jax.device_get(state["params"]), good) == 0
-    with pytest.raises(train.NonFiniteLoss, match="at step 2"):
-        train.check_finite(state, 2)
-
-
 def test_checkpoint_round_trip(tmp_path, data_dir):
     trainer, step, state = setup()
     state, _ = step(state, pipeline.device_batch(first_batch(trainer.config, data_dir), trainer.batch_sharding))
@@ -161,37 +103,7 @@ def test_checkpoint_round_trip(tmp_path, data_dir):
         assert got.sharding == want.sharding
 
 
-def test_init_from_another_run_is_strict_about_names_and_shapes(tmp_path, data_dir):
-    _, _, state = setup()
-    ckpt = checkpoint.Checkpoints(tmp_path / "run")
-    ckpt.save(3, state, {})
-    ckpt.close()
-    target = jax.tree.map(np.zeros_like, jax.device_get(state["params"]))
-    loaded, paths = checkpoint.load_params(tmp_path / "run", target)
-    assert max_difference(loaded, jax.device_get(state["params"])) == 0 and len(paths) == len(tree.flatten(target))
-    wider = dict(target, emotion_head={"kernel": np.zeros((32, 400)), "bias": np.zeros(400)})
-    with pytest.raises(ValueError, match="emotion_head/kernel: checkpoint"):
-        checkpoint.load_params(tmp_path / "run", wider)
-    kept, paths = checkpoint.load_params(tmp_path / "run", wider, skip=("emotion_head/.*",))
-    assert kept["emotion_head"]["kernel"].shape == (32, 400) and "emotion_head/kernel" not in paths
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        checkpoint.load_params(tmp_path / "nothing", target)
-
-
 # --- the whole trainer: resume, preemption, the command line -------------------------------
-
-def train_run(workdir, data_dir, **overrides):
-    config = tiny_config(**overrides)
-    return train.train_and_evaluate(config, workdir, data_dir)
-
-
-def final_params(workdir):
-    trainer, _, state = setup()
-    ckpt = checkpoint.Checkpoints(workdir)
-    restored, _ = ckpt.restore(ckpt.latest_step(), train.abstract_state(trainer, state))
-    ckpt.close()
-    return jax.device_get(restored["params"])
-
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_dir):
@@ -217,89 +129,6 @@ def test_a_run_writes_metrics_checkpoints_and_the_hq_table(uninterrupted):
     assert "| model |" in (workdir / "eval" / "hq_agreement.md").read_text()
     assert result["eval"]["summary"]["median_expert_mean_kappa"] == pytest.approx(
         float(np.median([annotators[n]["mean_kappa"] for n in experts])))
-
-
-def test_sigterm_saves_and_the_resumed_run_ends_bit_identical(tmp_path, data_dir, uninterrupted, monkeypatch):
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signal handlers can only be installed from the main thread")
-    calls = {"n": 0}
-    real = train.pipeline.device_batch
-
-    def device_batch_then_sigterm(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # the signal lands while step 3 is being prepared
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train.pipeline, "device_batch", device_batch_then_sigterm)
-    first = train_run(tmp_path, data_dir)
-    monkeypatch.setattr(train.pipeline, "device_batch", real)
-    assert first["preempted"] and first["step"] == 3
-    assert not (tmp_path / "eval").exists()
-    second = train_run(tmp_path, data_dir)
-    assert second["step"] == 6 and not second["preempted"]
-    assert max_difference(final_params(tmp_path), final_params(uninterrupted[0])) == 0
-    assert second["eval"]["annotators"]["model"] == uninterrupted[1]["eval"]["annotators"]["model"]
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in line]
-    assert steps == [2, 4, 6]  # nothing logged twice after the resume
-
-
-def main_command(workdir, data_dir, *flags):
-    overrides = {"batch_size": 16, "input.image_size": 32, "input.threads": 1, "data.synthetic": False,
-                 "data.data_dir": str(data_dir), "eval_every_steps": 0, "optimizer.warmup_steps": 2}
-    return [sys.executable, "-m", "emonet_jax.main", "--config=configs/hq.py:demo", f"--workdir={workdir}",
-            *(f"--config.{k}={v}" for k, v in overrides.items()), *flags]
-
-
-def test_sigkill_at_a_random_moment_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
-    flags = ("--config.total_steps=60", "--config.checkpoint_every_steps=5", "--config.log_every_steps=5")
-    reference = subprocess.run(main_command(tmp_path / "reference", data_dir, *flags), cwd=REPO,
-                               capture_output=True, text=True, timeout=600)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    killed = subprocess.Popen(main_command(tmp_path / "killed", data_dir, *flags), cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and killed.poll() is None:
-        if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
-            time.sleep(np.random.default_rng().uniform(0, 0.5))  # a random moment after the first save
-            break
-        time.sleep(0.02)
-    killed.kill()
-    killed.wait()
-    assert not (tmp_path / "killed" / "eval").exists(), "the run finished before it could be killed"
-    resumed = subprocess.run(main_command(tmp_path / "killed", data_dir, *flags), cwd=REPO,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
-    ref, res = (json.loads((tmp_path / d / "eval" / "hq_agreement.json").read_text()) for d in ("reference", "killed"))
-    assert ref["annotators"]["model"] == res["annotators"]["model"]
-    for a, b in zip(jax.tree.leaves(final_params(tmp_path / "reference")),
-                    jax.tree.leaves(final_params(tmp_path / "killed"))):
-        np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize("flag,named", [("--config.totl_steps=3", "totl_steps"),
-                                        ("--config.model.varaint=B/16", "varaint")])
-def test_a_misspelled_config_key_fails_naming_it(tmp_path, data_dir, flag, named):
-    run = subprocess.run(main_command(tmp_path, data_dir, flag), cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode != 0
-    assert named in run.stderr
-    assert not (tmp_path / "checkpoints").exists()
-
-
-def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match="dmeo"):
-        hq.get_config("dmeo")
-    mesh = train.make_mesh(tiny_config())
-    with pytest.raises(ValueError, match="batch_size 12 is not divisible by the 8 devices"):
-        train.check_config(tiny_config(batch_size=12), mesh)
-    with pytest.raises(ValueError, match="grad_accum_steps=3"):
-        train.check_config(tiny_config(grad_accum_steps=3), mesh)
-    with pytest.raises(ValueError, match="optimizer.freeze"):
-        train.build(tiny_config(**{"optimizer.freeze": (".*",)}), mesh)
 
 
 def test_transfer_scores_an_image_folder_with_a_trained_run(tmp_path, uninterrupted, data_dir):
