@@ -110,19 +110,23 @@ def timm_like_vit(width, depth, mlp_dim, heads, patch, image_size):
 
 
 def build_model(variant: str, image_size: int, force_local: bool):
-    """(model, name): timm's VisionTransformer when timm imports, else TimmLikeViT."""
+    """(model, name, why timm was not used or None): timm's VisionTransformer when timm
+    imports, else TimmLikeViT."""
     (width, depth, mlp_dim, heads), patch = parse_variant(variant)
+    why = "--local_model"
     if not force_local:
         try:
             import timm  # noqa: F401  (needs an importable torchvision)
             from timm.models.vision_transformer import VisionTransformer
-        except ImportError:
-            pass
+        # A CUDA build of torchvision beside CPU torch fails with RuntimeError, not ImportError.
+        except (ImportError, RuntimeError, OSError) as e:
+            why = f"timm did not import: {type(e).__name__}: {e}"
         else:
             model = VisionTransformer(img_size=image_size, patch_size=patch, embed_dim=width, depth=depth,
                                       num_heads=heads, mlp_ratio=mlp_dim / width, num_classes=NUM_CLASSES)
-            return model, f"timm {timm.__version__} VisionTransformer"
-    return timm_like_vit(width, depth, mlp_dim, heads, patch, image_size), "TimmLikeViT (written here, timm's architecture)"
+            return model, f"timm {timm.__version__} VisionTransformer", None
+    model = timm_like_vit(width, depth, mlp_dim, heads, patch, image_size)
+    return model, "TimmLikeViT (written here, timm's architecture)", why
 
 
 def main():
@@ -143,7 +147,7 @@ def main():
     import torch
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, name = build_model(args.variant, args.res, args.local_model)
+    model, name, why_not_timm = build_model(args.variant, args.res, args.local_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     images = torch.rand(args.batch, 3, args.res, args.res) * 2 - 1
     labels = torch.randint(0, NUM_CLASSES, (args.batch,))
@@ -168,7 +172,7 @@ def main():
         cpu_seconds.append(time.process_time() - start_cpu)
     median = float(np.median(seconds))
     print(json.dumps({
-        "benchmark": "torch_vit_step", "model": name, "variant": args.variant, "image_size": args.res,
+        "benchmark": "torch_vit_step", "model": name, "why_not_timm": why_not_timm, "variant": args.variant, "image_size": args.res,
         "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype,
         "params": sum(p.numel() for p in model.parameters()), "images_per_s": args.batch / median,
         "median_step_s": median, "p90_step_s": float(np.percentile(seconds, 90)), "step_s": seconds,

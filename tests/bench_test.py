@@ -1,0 +1,114 @@
+"""The compute benchmarks (`bench peak|train_step|prepare`, emonet_jax/perf.py) at tiny sizes."""
+
+import importlib.util
+import json
+import pathlib
+import resource
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from emonet_jax import bench, perf, train
+from emonet_jax.models import vit
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TORCH_SCRIPT = REPO / "benchmarks" / "torch_vit_step.py"
+TORCH_PYTHON = REPO / ".venv-torch" / "bin" / "python"
+# The keys the PyTorch baseline shares with `bench train_step`.
+SHARED_KEYS = {"variant", "image_size", "batch", "steps", "warmup", "dtype", "params", "images_per_s",
+               "median_step_s", "p90_step_s", "step_s", "median_step_cpu_s", "loss"}
+
+
+@pytest.fixture(autouse=True)
+def parsed_flags():
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    with flagsaver.flagsaver():
+        yield
+
+
+def test_peak_is_the_flops_of_the_chained_matmuls_over_the_best_time():
+    peak = perf.measure_peak_flops(n=128, repeats=2, iterations=3)
+    assert peak["peak_flops_per_s"] == pytest.approx(2 * 128 ** 3 * 3 / peak["matmul_best_s"])
+    assert peak["platform"] == "cpu" and peak["matmul_n"] == 128
+
+
+def test_step_flops_are_the_analytic_6nt_also_for_a_scanned_tower():
+    """XLA counts a scanned tower's loop body once; step_flops counts every block."""
+    config = perf.step_config("Ti/16", image_size=64, batch_size=8, scan=True)
+    config.model.pool = "gap"          # every parameter sees every token, as 6·N·T assumes
+    mesh = train.make_mesh(config)
+    trainer = train.build(config, mesh)
+    state = jax.eval_shape(lambda: train.initial_state(trainer))
+    batch = perf.random_batch(config.batch_size, config.input.image_size)
+    lowered = train.make_train_step(trainer).lower(state, batch)
+    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    analytic = perf.analytic_flops(num_params, config)
+    assert perf.cost(lowered)["flops"] < analytic / 4                     # the loop body counted once
+    assert perf.step_flops(config, mesh, lowered, batch) == pytest.approx(analytic, rel=0.2)
+
+
+def test_train_step_reports_speed_flops_and_the_floor():
+    with flagsaver.as_parsed(variant="mu/8", res="32", batch="8", steps="3", peak_n="256"):
+        result = bench.bench_train_step()
+    json.dumps(result)                                                    # one JSON object
+    assert result["benchmark"] == "train_step" and result["variant"] == "mu/8" and result["image_size"] == 32
+    assert result["device_count"] == jax.device_count() and len(result["step_s"]) == 3
+    assert result["images_per_s"] == pytest.approx(8 / result["median_step_s"])
+    assert min(result["step_s"]) <= result["median_step_s"] <= result["p90_step_s"] <= max(result["step_s"])
+    assert result["compile_s"] > 0 and np.isfinite(result["loss"])
+    assert result["flops_per_step"] > 0
+    assert result["flops_per_s"] == pytest.approx(result["flops_per_step"] / result["median_step_s"])
+    # Nothing runs faster than the peak matmul: the floor is below the step, the fraction below 1.
+    assert result["floor_step_s"] < result["median_step_s"]
+    assert 0 < result["fraction_of_peak"] < 1
+    assert "datasheet_peak_flops_per_s" not in result                    # unknown for a CPU
+
+
+def test_prepare_reports_images_per_second_and_the_builds_peak_rss(tmp_path):
+    with flagsaver.as_parsed(images="6", image_size="64", cache=str(tmp_path)):
+        result = bench.bench_prepare()
+    assert result["dataset"] == "emonet_face_hq/64" and result["images"] == 6 and result["bad_rows"] == 0
+    assert result["images_per_s"] == pytest.approx(6 / result["build_s"])
+    assert result["peak_rss_mb"] >= result["peak_rss_mb_after_imports"] > 0
+    # The build's own memory, not this process's (which a forked child's ru_maxrss would report).
+    assert result["peak_rss_mb_after_imports"] < resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]          # the built records were scratch
+
+
+def test_prepare_refuses_a_data_dir_that_holds_records(tmp_path):
+    (tmp_path / "old").mkdir()
+    with pytest.raises(ValueError, match="not empty"):
+        perf.bench_prepare(tmp_path, "hq", 64, tmp_path)
+
+
+def test_datasheet_peak_by_device_kind():
+    assert perf.datasheet_peak("NVIDIA H100 80GB HBM3", "bfloat16") > perf.datasheet_peak("NVIDIA H100 PCIe",
+                                                                                          "bfloat16")
+    assert perf.datasheet_peak("cpu", "float32") is None
+
+
+def load_torch_script():
+    spec = importlib.util.spec_from_file_location("torch_vit_step", TORCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)                 # imports torch only in main()
+    return module
+
+
+def test_torch_baseline_uses_our_vit_dimensions():
+    script = load_torch_script()
+    assert script.SIZES == {name: (s.width, s.depth, s.mlp_dim, s.num_heads) for name, s in vit.SIZES.items()
+                            if name != "mu"}
+
+
+@pytest.mark.skipif(not TORCH_PYTHON.exists(), reason="no .venv-torch (make torch-venv)")
+def test_torch_baseline_prints_our_keys():
+    command = [str(TORCH_PYTHON), str(TORCH_SCRIPT), "--variant=Ti/16", "--res=32", "--batch=2", "--steps=2",
+               "--warmup=0"]
+    result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    assert SHARED_KEYS <= set(result) and result["batch"] == 2 and len(result["step_s"]) == 2
+    assert result["images_per_s"] == pytest.approx(2 / result["median_step_s"])
