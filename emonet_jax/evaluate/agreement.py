@@ -61,6 +61,7 @@ import csv
 import dataclasses
 import fnmatch
 import io
+import itertools
 import json
 import math
 import mmap
@@ -996,13 +997,15 @@ def _split_plain_csv(data: bytes, columns: int) -> tuple[list[tuple[str, ...]], 
     text = b"\n".join(lines)
     if len(lines) != len(opening) or text.count(b"\n") != max(len(lines) - 1, 0) or b"\r" in text:
         return None                                      # blank lines, stray line breaks
+    # Each line: exactly `columns - 1` commas, the last one right before the quote.
+    if lines and (set(map(bytes.count, lines, itertools.repeat(b","))) != {columns - 1}
+                  or text.count(b",\n") != len(lines) - 1 or not text.endswith(b",")):
+        return None
     try:
-        records = [line.split(",") for line in text.decode("utf-8").split("\n")] if lines else []
+        cells = text.replace(b",\n", b",").decode("utf-8").split(",")[:-1]
     except UnicodeDecodeError:
         return None
-    if any(len(r) != columns or r[-1] for r in records):  # r[-1]: text between the last comma and '"'
-        return None
-    return list(zip(*records))[:-1] or [()] * (columns - 1), opening + 1, closing
+    return [tuple(cells[c::columns - 1]) for c in range(columns - 1)], opening + 1, closing
 
 
 def _rows_jsonl(path: pathlib.Path, human_default: bool | None) -> Rows:
