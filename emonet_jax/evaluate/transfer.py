@@ -419,9 +419,7 @@ def write_scores_jsonl(image_paths: Sequence, scores_raw, reference_means, out, 
       the same for every image but are not the evaluated set's own mean, so the reference set
       is the caller's choice: document it with the results.)
     labels: optional N AffectNet ids, written as "label".
-    The "softmax" field is the softmax over the 40 heads' mean-subtracted scores, which is what
-    the published files hold (checked on their FERD file to 1e-8; over raw it is off by 0.04).
-    The scoring never reads it: it takes its own softmax over the mapped heads.
+    Each line's "results" is `published_results`.
     """
     raw = np.asarray(scores_raw, dtype=np.float64)
     means = np.asarray(reference_means, dtype=np.float64)
@@ -434,18 +432,31 @@ def write_scores_jsonl(image_paths: Sequence, scores_raw, reference_means, out, 
                          + ("" if labels is None else f" and {len(labels)} labels"))
     if not (np.isfinite(raw).all() and np.isfinite(means).all()):
         raise ValueError("scores_raw and reference_means must be finite")
-    centred = raw - means
-    probs = softmax(centred, axis=1)
+    results = published_results(raw, means)
     out = pathlib.Path(out)
     with open(out, "w", encoding="utf-8") as f:
         for i, path in enumerate(image_paths):
             record = {"image_path": str(path)}
             if labels is not None:
                 record["label"] = int(labels[i])
-            record["results"] = {h: {"raw": float(raw[i, e]), "mean_subtracted": float(centred[i, e]),
-                                     "softmax": float(probs[i, e])} for e, h in enumerate(taxonomy.HEAD_NAMES)}
+            record["results"] = results[i]
             f.write(json.dumps(record) + "\n")
     return out
+
+
+def published_results(scores_raw, reference_means) -> list[dict]:
+    """Per image, the published "results" object: {head: {"raw", "mean_subtracted", "softmax"}}
+    for the 40 heads in taxonomy order (raw [N, 40], means [40]; computed in float64).
+
+    mean_subtracted = raw - means. "softmax" is the softmax over the 40 heads' mean-subtracted
+    scores, which is what the published files hold (checked on their FERD file to 1e-8; over raw
+    it is off by 0.04). The scoring never reads it: it takes its own softmax over the mapped heads.
+    """
+    raw = np.asarray(scores_raw, dtype=np.float64)
+    centred = raw - np.asarray(reference_means, dtype=np.float64)
+    probs = softmax(centred, axis=1)
+    return [{h: {"raw": float(raw[i, e]), "mean_subtracted": float(centred[i, e]), "softmax": float(probs[i, e])}
+             for e, h in enumerate(taxonomy.HEAD_NAMES)} for i in range(len(raw))]
 
 
 # ---------------------------------------------------------------------------
