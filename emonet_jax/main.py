@@ -46,8 +46,8 @@ import os
 import pathlib
 
 import jax
+import orbax.checkpoint as ocp
 from absl import app, flags, logging
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from emonet_jax import train
@@ -62,6 +62,8 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, reacha
 flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
 flags.DEFINE_integer("process_id", None, "This process's index, 0 ... num_processes - 1.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+PREPARE_TIMEOUT_S = 3600  # how long the other processes wait for process 0 to prepare synthetic data
 
 
 def launcher_in_environment(environ=os.environ) -> str | None:
@@ -101,6 +103,8 @@ def records_dir(config) -> tuple[pathlib.Path, dict]:
     With several processes, process 0 prepares first and the others wait; then each of them
     prepares too, which reads the records back from a shared disk, or builds a copy on a
     machine that does not share it (one process at a time per machine, under a file lock).
+    The wait is a barrier of the coordination service, not a device collective: CPU
+    collectives (gloo) give up when processes arrive more than 30 s apart.
     """
     data_dir = pathlib.Path(config.data.data_dir).expanduser()
     if not config.data.synthetic:
@@ -116,7 +120,8 @@ def records_dir(config) -> tuple[pathlib.Path, dict]:
 
     summary = prepare_locked() if jax.process_index() == 0 else None
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("synthetic records prepared by process 0")
+        wait_for_all = ocp.multihost.get_barrier_sync_fn()
+        wait_for_all(key="synthetic_records_prepared_by_process_0", timeout_ms=PREPARE_TIMEOUT_S * 1000)
         summary = summary or prepare_locked()
     return pathlib.Path(summary["data_dir"]), summary
 
