@@ -739,6 +739,29 @@ def _cell_labels(fig, ax, matrix: np.ndarray) -> None:
     ax.add_collection(labels, autolim=False)
 
 
+def _category_labels(ax, axis: str, labels: Sequence[str], **text) -> None:
+    """Labels at 0, 1, ... along `axis` ('x': below the axes, 'y': left of them), with tick marks,
+    as one line of markers and plain Text artists: matplotlib's own ticks (two lines and two texts
+    each, copied property by property) were a third of the time of each figure."""
+    from matplotlib.lines import TICKDOWN, TICKLEFT
+    from matplotlib.transforms import offset_copy
+
+    at, zero = np.arange(len(labels)), np.zeros(len(labels))
+    if axis == "x":
+        ax.set_xticks([])
+        xy, place, mark = (at, zero), ax.get_xaxis_transform(), TICKDOWN
+        text = {"va": "top", "ha": "center", **text}
+    else:
+        ax.set_yticks([])
+        xy, place, mark = (zero, at), ax.get_yaxis_transform(), TICKLEFT
+        text = {"va": "center", "ha": "right", **text}
+    ax.plot(*xy, linestyle="none", marker=mark, ms=3.5, mew=0.8, color="k", transform=place, clip_on=False)
+    # 7 points out: the 3.5-point mark and matplotlib's 3.5-point padding.
+    shifted = offset_copy(place, fig=ax.figure, units="points", **({"y": -7} if axis == "x" else {"x": -7}))
+    for a, b, label in zip(*xy, labels):
+        ax.text(a, b, label, transform=shifted, fontsize=7, **text)
+
+
 def _text_inches(labels) -> float:
     """Room for the longest of `labels` at 7 pt (about 0.052 inch a character) plus a tick."""
     return 0.052 * max(len(t) for t in labels) + 0.3
@@ -770,8 +793,8 @@ def draw_figure(name: str, result: dict, out_dir) -> pathlib.Path:
         ax = fig.add_subplot()
         low = float(np.nanmin(matrix)) if np.isfinite(matrix).any() else 0.0
         image = ax.imshow(matrix, cmap="viridis", vmin=min(0.0, low), vmax=1)
-        ax.set_xticks(range(r), pw["annotators"], rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(r), pw["annotators"], fontsize=7)
+        _category_labels(ax, "x", pw["annotators"], rotation=45, ha="right")
+        _category_labels(ax, "y", pw["annotators"])
         if r <= 30:
             _cell_labels(fig, ax, matrix)
         fig.colorbar(image, ax=ax, label="mean quadratic-weighted κ over the emotions", fraction=0.04)
@@ -791,7 +814,7 @@ def draw_figure(name: str, result: dict, out_dir) -> pathlib.Path:
         for k, (who, a) in enumerate((n, a) for n, a in ann.items() if not a["human"]):
             ax.plot(x, _values(a["per_emotion_kappa"], NAMES), marker=markers[k % len(markers)], ms=3, lw=1,
                     label=who)
-        ax.set_xticks(x, NAMES, rotation=90, fontsize=7)
+        _category_labels(ax, "x", NAMES, rotation=90)
         ax.set_xlim(-0.5, E - 0.5)
         ax.set_ylabel("κ vs the human raters (mean over humans)")
         ax.set_title("Per-emotion agreement with the human raters")
@@ -806,7 +829,7 @@ def draw_figure(name: str, result: dict, out_dir) -> pathlib.Path:
         y = np.arange(E)
         err = np.stack([alpha[order] - ci[order, 0], ci[order, 1] - alpha[order]])
         ax.errorbar(alpha[order], y, xerr=np.nan_to_num(np.abs(err)), fmt="o", ms=4, capsize=2)
-        ax.set_yticks(y, [NAMES[i] for i in order], fontsize=7)
+        _category_labels(ax, "y", [NAMES[i] for i in order])
         ax.set_ylim(-0.5, E - 0.5)
         ax.set_xlabel("Krippendorff's α (interval), human raters, 95% bootstrap CI")
         ax.set_title("Human inter-rater reliability per emotion")
