@@ -4,7 +4,7 @@
     peak = perf.measure_peak_flops()                        # {'peak_flops_per_s': ..., ...}
     config = perf.step_config("B/16", image_size=224, batch_size=8)
     result = perf.bench_train_step(config, steps=5, peak=peak)
-    result = perf.bench_prepare(raw_dir, "hq", resolution=224)
+    result = perf.bench_prepare(raw_dir, "hq", resolution=224, data_dir=empty_dir)   # parquet -> records
 
 `python -m emonet_jax.bench peak|train_step|prepare` prints them as JSON (see bench.py).
 
