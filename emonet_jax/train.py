@@ -74,7 +74,7 @@ def train_input(config, data_dir, process_index=None, process_count=None) -> pip
     augment = pipeline.Augment(scale=tuple(config.input.crop_scale), flip=config.input.flip)
     streams = {}
     for i, key in enumerate(sizes):
-        name, split = key.split(":")
+        name, split = key.split(":", 1)  # a split may be a slice, "train[:10%]"
         source = pipeline.open_split(f"{name}/{config.data.resolution}", split, data_dir)
         # Distinct seeds per source: two sources of equal size must not shuffle alike.
         streams[key] = pipeline.train_stream(source, image_size=config.input.image_size,
@@ -302,16 +302,15 @@ def train_and_evaluate(config, workdir, data_dir) -> dict[str, Any]:
     # 4. restore
     ckpt = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     state = initial_state(trainer)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, abstract_state(trainer, state))
+    restored = ckpt.restore_latest(abstract_state(trainer, state))  # skips unreadable steps, says which
+    if restored is not None:
+        latest, state, data_state = restored
         train_iter.set_state(data_state)
         logging.info("resumed from %s at step %d", ckpt.directory, latest)
-        if is_writer:
-            writers.drop_after(workdir / "metrics.jsonl", latest)
     step = int(jax.device_get(state["step"]))
-    if is_writer:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if is_writer:  # rows logged after that step go (also those of a run killed before its first checkpoint)
+        writers.drop_after(workdir / "metrics.jsonl", step)
+        checkpoint.record_config(workdir, config)  # a changed config is said, and the old one kept
     writer = writers.create(workdir, is_writer)
     if step == 0 and is_writer:
         writer.write_hparams({"num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"])))})

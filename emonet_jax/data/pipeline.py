@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import pathlib
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -49,7 +51,23 @@ class Augment:
 
 
 def open_split(name: str, split: str, data_dir) -> Any:
-    """Random-access source over prepared records, e.g. ('emonet_face_hq/224', 'test')."""
+    """Random-access source over prepared records, e.g. ('emonet_face_hq/224', 'test').
+
+    Fails at once, naming what is wrong, if the records are not prepared under `data_dir`, the
+    split (or slice, 'train[:10%]') has no rows, or one of its shard files is missing (array_record
+    opens shards at their first read, which would fail deep inside the input pipeline).
+    """
+    records = pathlib.Path(data_dir).expanduser() / name
+    if not records.is_dir():
+        raise FileNotFoundError(f"no prepared records of {name} in {data_dir} (no folder {records}); "
+                                "prepare them with python -m emonet_jax.data.prepare")
+    info = tfds.builder(name, data_dir=str(data_dir)).info.splits[split]
+    if info.num_examples == 0:
+        raise ValueError(f"split {split!r} of {name} in {data_dir} has no rows")
+    missing = [fi.filename for fi in info.file_instructions if not os.path.exists(fi.filename)]
+    if missing:
+        raise FileNotFoundError(f"split {split!r} of {name} in {data_dir}: shard files missing: {missing}; "
+                                f"delete {records} and prepare it again")
     return tfds.data_source(name, split=split, data_dir=str(data_dir))
 
 
