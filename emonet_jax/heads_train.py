@@ -492,11 +492,16 @@ def export_only(config, workdir) -> pathlib.Path:
 # --- command line -------------------------------------------------------------------------------
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "configs/empathic_insight.py:small[:demo] or :large[:demo]",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Checkpoints, metrics, HQ evaluation and the export go here.")
-flags.DEFINE_bool("export_only", False, "Only export WORKDIR's latest checkpoint (needs WORKDIR/eval).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+    """Defined only when this module is the program: `emonet_jax.main` defines `--config` and
+    `--workdir` too, and absl refuses a flag defined twice in one process (e.g. a test session)."""
+    config_flags.DEFINE_config_file("config", None, "configs/empathic_insight.py:small[:demo] or :large[:demo]",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Checkpoints, metrics, HQ evaluation and the export go here.")
+    flags.DEFINE_bool("export_only", False, "Only export WORKDIR's latest checkpoint (needs WORKDIR/eval).")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
@@ -511,4 +516,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
