@@ -2,6 +2,12 @@
 
     python -m emonet_jax.bench pipeline [--images=64 --batch=32 --steps=20 --threads=2]
     python -m emonet_jax.bench agreement [--hq_images=2500 --hq_models=14 --hq_cli_runs=3]
+    python -m emonet_jax.bench heads [--variant=small --examples=20000 --epochs=3 --batch=256
+                                      --reference=.venv-torch/bin/python]
+    python -m emonet_jax.bench peak [--dtype=float32 --peak_n=0]
+    python -m emonet_jax.bench train_step [--variant=B/16 --res=224 --batch=8 --steps=5 --warmup=1
+                                           --dtype=float32 --remat=false --scan=false]
+    python -m emonet_jax.bench prepare [--prepare_dataset=hq --images=64 --image_size=224]
 
 `pipeline`: images/s of the training input pipeline at 224 px (random resized crop + flip,
 values in [-1, 1]) reading prepared 224 px records, against the same pipeline decoding the
@@ -18,6 +24,22 @@ straightforward way (pandas + a scikit-learn call per rater pair and emotion), t
 process after pandas and scikit-learn are imported. Checks that both give the same mean κ of
 every annotator (to 1e-9). Also reports CPU seconds (the CLI's include its figure worker) and
 the 1-minute load average at the start: the reference machine is shared.
+
+`heads`: seconds to train all 40 EmpathicInsight-Face heads (`--variant` small|large) with the
+trainer's own jitted step (`heads_train.make_train_step`: every head in one step, data on the
+device) on random 1152-d embeddings with 0-7 targets, every pair labelled, for `--epochs` over
+`--examples` rows; compile time is reported apart (`compile_seconds`), `seconds` starts after
+it. `images_per_s` = examples x epochs / seconds. With `--reference=PYTHON` (a venv with torch,
+`make torch-venv`) it also runs `benchmarks/torch_heads.py` in a subprocess: the same 40
+heads trained one after another in plain PyTorch, same sizes, epochs, batch and threads, and
+reports `speedup` = reference seconds / ours.
+
+`peak`, `train_step`, `prepare` (code in `emonet_jax/perf.py`): the measured peak FLOP/s of
+one device (chained n x n matmuls in JAX); the trainer's own step on random images and labels
+(compile seconds apart, `images_per_s` = batch / median step, FLOPs per step from XLA's cost
+analysis, `fraction_of_peak` and `floor_step_s` = FLOPs / peak); and images/s and peak RSS of
+a TFDS build of --images synthetic 1024 px originals in a subprocess of its own. The PyTorch
+baseline of `train_step` is `benchmarks/torch_vit_step.py` (same flags, same JSON keys).
 """
 
 from __future__ import annotations
@@ -55,6 +77,23 @@ flags.DEFINE_string("cache", os.path.join(tempfile.gettempdir(), "emonet_bench")
 flags.DEFINE_integer("hq_images", 2500, "agreement: synthetic HQ images (the published HQ has 2,500).")
 flags.DEFINE_integer("hq_models", 14, "agreement: model annotators (the published hq.csv has 14).")
 flags.DEFINE_integer("hq_cli_runs", 3, "agreement: CLI runs; their median is compared with one reference run.")
+flags.DEFINE_string("variant", "small", "heads: EmpathicInsight-Face head size, small|large; "
+                    "train_step: a ViT SIZE/PATCH (B/16 when not given).")
+flags.DEFINE_integer("examples", 20_000, "heads: training rows.")
+flags.DEFINE_integer("epochs", 3, "heads: epochs.")
+flags.DEFINE_string("reference", "", "heads: a Python with torch (e.g. .venv-torch/bin/python) to run the "
+                    "PyTorch baseline benchmarks/torch_heads.py and report the speedup.")
+flags.DEFINE_integer("reference_threads", os.cpu_count(), "heads: torch.set_num_threads of the baseline.")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "heads: the first layer's operand dtype.")
+HEADS_BATCH = 256  # heads: --batch when not given (the flag's own default is the pipeline's)
+flags.DEFINE_alias("res", "image_size")
+flags.DEFINE_alias("dtype", "compute_dtype")   # train_step, peak: model.compute_dtype / the matmul's dtype
+flags.DEFINE_bool("remat", False, "train_step: recompute activations in the backward pass (model.remat).")
+flags.DEFINE_bool("scan", False, "train_step: scan over the blocks (model.scan).")
+flags.DEFINE_integer("warmup", 1, "train_step: untimed steps after compiling.")
+flags.DEFINE_integer("peak_n", 0, "peak, train_step: n of the n x n peak matmul (0: 2048 on CPU, 8192 elsewhere).")
+flags.DEFINE_enum("prepare_dataset", "hq", ["hq", "binary", "big"], "prepare: which builder builds the split.")
+TRAIN_STEP = {"variant": "B/16", "batch": 8, "steps": 5}  # train_step: defaults of the shared flags
 
 
 class PngSource:
@@ -204,7 +243,95 @@ def bench_agreement() -> dict:
             "max_abs_diff_mean_kappa": diff, "load_avg_1min_at_start": round(load, 2), "outputs": outputs}
 
 
-BENCHMARKS = {"pipeline": bench_pipeline, "agreement": bench_agreement}
+def bench_heads() -> dict:
+    import jax
+
+    from configs import empathic_insight
+    from emonet_jax import heads_train
+    from emonet_jax.models import heads
+
+    batch = FLAGS.batch if FLAGS["batch"].present else HEADS_BATCH
+    dim, n = 1152, FLAGS.examples
+    config = empathic_insight.get_config(FLAGS.variant)
+    model = heads.build(FLAGS.variant, dropout=config.model.dropout, compute_dtype=FLAGS.compute_dtype)
+    stage = config.pretrain
+    stage.batch_size, stage.epochs = batch, FLAGS.epochs
+    steps = FLAGS.epochs * heads_train.steps_per_epoch(n, batch)
+    tx, _ = heads_train.make_optimizer(stage, steps)
+    rng = np.random.default_rng(0)
+    data = jax.device_put({"x": rng.standard_normal((n, dim), dtype=np.float32),
+                           "target": rng.uniform(0, 7, (n, heads.NUM_HEADS)).astype(np.float32),
+                           "mask": np.ones((n, heads.NUM_HEADS), np.float32)})
+    state = jax.jit(lambda: heads_train.new_state(model, tx, dim, 0))()
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    rows, valid = heads_train.epoch_batches(n, batch, 0, 0, 0)[0]
+    step = heads_train.make_train_step(model, tx, "intensity", seed=0).lower(state, data, rows, valid).compile()
+    compile_s = time.perf_counter() - start
+    start, start_cpu = time.perf_counter(), time.process_time()
+    for epoch in range(FLAGS.epochs):
+        for rows, valid in heads_train.epoch_batches(n, batch, 0, 0, epoch):
+            state, metrics = step(state, data, rows, valid)
+    loss = float(metrics["loss"].compute())  # waits for the last step
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    result = {"benchmark": "heads", "framework": f"jax {jax.__version__}", "device": jax.devices()[0].device_kind,
+              "variant": FLAGS.variant, "hidden": list(model.hidden), "compute_dtype": FLAGS.compute_dtype,
+              "dim": dim, "heads": heads.NUM_HEADS,
+              "examples": n, "epochs": FLAGS.epochs, "batch": batch, "steps": steps, "cpus": os.cpu_count(),
+              "compile_seconds": round(compile_s, 3), "seconds": round(seconds, 3),
+              "cpu_seconds": round(cpu_seconds, 2),
+              "images_per_s": round(n * FLAGS.epochs / seconds, 1), "final_batch_loss": round(loss, 4),
+              "load_avg_1min_at_start": round(load, 2)}
+    if FLAGS.reference:
+        script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "torch_heads.py"
+        command = [FLAGS.reference, str(script), f"--variant={FLAGS.variant}", f"--examples={n}",
+                   f"--epochs={FLAGS.epochs}", f"--batch={batch}", f"--dim={dim}",
+                   f"--dropout={config.model.dropout}", f"--lr={stage.lr}", f"--threads={FLAGS.reference_threads}"]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        reference = json.loads(out.strip().splitlines()[-1])
+        result["reference"] = reference
+        result["speedup"] = round(reference["seconds"] / seconds, 2)
+        # On a shared machine wall time swings with the neighbours' load; CPU time less so.
+        result["cpu_speedup"] = round(reference["cpu_seconds"] / cpu_seconds, 2)
+    return result
+
+
+def bench_peak() -> dict:
+    from emonet_jax import perf
+    return {"benchmark": "peak", **perf.measure_peak_flops(FLAGS.peak_n or None, FLAGS.compute_dtype),
+            "cpus": os.cpu_count(), "load_avg_1min_at_start": round(os.getloadavg()[0], 2)}
+
+
+def bench_train_step() -> dict:
+    from emonet_jax import perf
+    given = {name: FLAGS[name].value if FLAGS[name].present else default for name, default in TRAIN_STEP.items()}
+    load = os.getloadavg()[0]
+    peak = perf.measure_peak_flops(FLAGS.peak_n or None, FLAGS.compute_dtype)
+    config = perf.step_config(given["variant"], FLAGS.image_size, given["batch"], FLAGS.compute_dtype, FLAGS.remat,
+                              FLAGS.scan)
+    result = perf.bench_train_step(config, given["steps"], FLAGS.warmup, peak)
+    return {"benchmark": "train_step", **result, "cpus": os.cpu_count(), "load_avg_1min_at_start": round(load, 2)}
+
+
+def bench_prepare() -> dict:
+    """The --prepare_dataset builder on --images synthetic 1024 px originals (generated once into
+    --cache, where `pipeline` keeps its own), stored at --image_size."""
+    from emonet_jax import perf
+    kind = FLAGS.prepare_dataset
+    spec = prepare.SyntheticSpec(**{f"num_{k}": FLAGS.images if k == kind else 0 for k in prepare.DATASETS},
+                                 image_size=1024, schemas=((kind, "card"),))
+    raw = pathlib.Path(FLAGS.cache) / "raw" / prepare._spec_key(spec) / kind   # prepare_synthetic's layout
+    if not (raw / "truth.npz").exists():
+        synthetic.write_split(raw, kind, FLAGS.images, seed=spec.seed, size=spec.image_size, schema="card")
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(dir=FLAGS.cache) as out:
+        result = perf.bench_prepare(raw, kind, FLAGS.image_size, out)
+    return {"benchmark": "prepare", "original_size": spec.image_size, "image_size": FLAGS.image_size, **result,
+            "cpus": os.cpu_count(), "load_avg_1min_at_start": round(load, 2)}
+
+
+BENCHMARKS = {"pipeline": bench_pipeline, "agreement": bench_agreement, "heads": bench_heads,
+              "peak": bench_peak, "train_step": bench_train_step, "prepare": bench_prepare}
 
 
 def main(argv):
