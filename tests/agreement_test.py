@@ -545,6 +545,7 @@ def test_plain_reader_decides_like_the_per_row_reader(tmp_path, text):
 def test_plain_reader_takes_the_published_layouts_whole(tmp_path):
     rows, _ = agreement.synthetic_hq(20)
     rows[3]["annotations"] = dict(reversed(rows[3]["annotations"].items()))     # another key order
+    rows[5]["annotations"] = {}                                                  # rated nothing
     data = agreement.write_hq_csv(rows, tmp_path / "hq.csv").read_bytes()
     fields, starts, ends = agreement._split_plain_csv(data, 4)
     values, slow = agreement._plain_dict_values(data, starts, ends)

@@ -1207,7 +1207,7 @@ def _plain_dict_values(data: bytes, starts: np.ndarray, ends: np.ndarray) -> tup
     has = slots.count > 0
     bad[has] |= buf[ends[has] - 1] != ord("}")
     bad[~has] |= (ends - starts != 2)[~has] | (buf[starts] != ord("{"))[~has] | (buf[starts + 1] != ord("}"))[~has]
-    slow = np.ones(rows, dtype=bool)
+    slow = bad | has                                  # '{}' rates nothing: taken as it is
     for keys, members in _layouts(data, starts, slots, np.flatnonzero(~bad)):
         columns = _plain_key_columns(keys)
         if columns is not None:                      # else the per-row reader raises, naming the row
