@@ -472,13 +472,14 @@ def test_fast_csv_split_equals_the_csv_module(tmp_path):
     crlf = agreement.write_hq_csv(rows, tmp_path / "hq.csv").read_bytes().decode()
     assert "\r\n" in crlf
     lf = crlf.replace("\r\n", "\n")
-    for text in (crlf, lf, lf.rstrip("\n"), lf.split("\n", 1)[0] + "\n", crlf + '9,x,True,"{}"\r\n'):
-        assert plain_split(text) == agreement._split_csv(text), text[-80:]
     header, body = lf.split("\n", 1)
+    for text in (crlf, lf, lf.rstrip("\n"), lf.split("\n", 1)[0] + "\n", crlf + '9,x,True,"{}"\r\n',
+                 lf + "9,x,True,{}\n" + body, lf + "9,x,True,{'a': 1}"):     # unquoted last fields
+        assert plain_split(text) == agreement._split_csv(text), text[-80:]
     for text in (lf + '9,"quoted, lead",True,"{}"\n',         # a quoted leading field
                  lf + '9,x,True,"{""a"": 1}"\n',                # a doubled quote inside the last field
                  lf + "\n" + body,                              # a blank line
-                 lf + '9,x,True,{}\n',                          # an unquoted last field
+                 lf + '9,x,True,{"a": 1}\n',                    # a quote inside an unquoted field
                  lf + '9,x,True,"{}"x\n',                       # text after the closing quote
                  lf + '9,x"y,True,"{}"\n',                      # a quote inside a leading field
                  header + "\r\n" + body,                        # line endings change
@@ -546,6 +547,7 @@ def test_plain_reader_takes_the_published_layouts_whole(tmp_path):
     rows, _ = agreement.synthetic_hq(20)
     rows[3]["annotations"] = dict(reversed(rows[3]["annotations"].items()))     # another key order
     rows[5]["annotations"] = {}                                                  # rated nothing
+    rows[6]["annotations"] = {taxonomy.key_of(0): 2.5}                           # one key: written unquoted
     data = agreement.write_hq_csv(rows, tmp_path / "hq.csv").read_bytes()
     fields, starts, ends = agreement._split_plain_csv(data, 4)
     values, slow = agreement._plain_dict_values(data, starts, ends)

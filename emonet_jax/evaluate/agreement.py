@@ -998,37 +998,43 @@ def _find_all(buf: np.ndarray, char: str, chunk: int = 1 << 20) -> np.ndarray:
 
 def _split_plain_csv(data: bytes, columns: int) -> tuple[list[tuple[str, ...]], np.ndarray, np.ndarray] | None:
     """(the leading `columns - 1` fields as columns, where each record's last field starts and ends
-    in `data`) when every record is one line: unquoted fields, then a last field quoted whole with
-    no '"' inside, as hq.csv writes its dict column. Record i is then on line i + 2 (unless a
-    last field holds a line break: `_rows_csv` checks the ones `_plain_dict_values` does not
-    take; it takes none with one). None as soon as the file is anything else (`_split_csv` reads
-    it then). Why: csv.reader steps through each of hq.csv's 90 MB of characters; here numpy
-    finds the quotes, and the dicts are read where they are.
+    in `data`) when every record is one line of unquoted fields, the last one possibly quoted
+    whole with no '"' inside: how csv.writer (or pandas) writes hq.csv, quoting the dicts with a
+    comma. Record i is then on line i + 2 (unless a quoted last field holds a line break:
+    `_rows_csv` checks the fields `_plain_dict_values` does not take; it takes none with one).
+    None as soon as the file is anything else; `_split_csv` reads it then. Why: csv.reader steps
+    through each of hq.csv's 90 MB of characters; here numpy finds the line breaks and quotes,
+    and the dicts are read where they are.
     """
     buf = np.frombuffer(data, dtype=np.uint8)
     body = data.find(b"\n") + 1
+    if not body:
+        return None
+    breaks = _find_all(buf, "\n")[1:]                   # the line break after each record...
+    if data[-1:] != b"\n":
+        breaks = np.append(breaks, len(data))           # ...or the end of the file
+    begin = np.append(body, breaks[:-1] + 1)[:len(breaks)]
+    end = breaks - ((data[body - 2:body] == b"\r\n") & (breaks < len(data)))     # before '\r\n'
     quotes = _find_all(buf, '"')
-    if not body or quotes.size % 2 or (quotes.size and quotes[0] < body):
+    low, high = np.searchsorted(quotes, begin), np.searchsorted(quotes, end)
+    quoted = high - low == 2
+    opening, closing = quotes[np.minimum(low, len(quotes) - 1)], quotes[np.minimum(low + 1, len(quotes) - 1)]
+    if ((high - low > 2).any() or (high - low == 1).any() or (high - low).sum() != len(quotes) or (end <= begin).any()
+            or (quoted & ((closing != end - 1) | (buf[opening - 1] != ord(",")))).any()):
+        return None                                      # quotes elsewhere, blank lines, lines ending oddly
+    lead_end = np.where(quoted, opening, end)            # the text before a quoted last field, or all of it
+    text = b"\n".join([data[a:b] for a, b in zip(begin.tolist(), lead_end.tolist())])
+    if b"\r" in text or np.any(np.fromiter(map(bytes.count, text.split(b"\n"), itertools.repeat(b",")),
+                                             dtype=np.int64, count=len(begin)) != columns - 1):
         return None
-    opening, closing = quotes[0::2], quotes[1::2]
-    bounds = zip(np.append(body, closing + 1).tolist(), np.append(opening, len(data)).tolist())
-    leads = b"".join([data[a:b] for a, b in bounds])    # each record's fields and the line break before it
-    newline = b"\r\n" if data[body - 2:body] == b"\r\n" else b"\n"
-    lines = leads.split(newline)
-    if len(lines) == len(opening) + 1 and not lines[-1]:
-        lines.pop()                                      # after the file's final line break
-    text = b"\n".join(lines)
-    if len(lines) != len(opening) or text.count(b"\n") != max(len(lines) - 1, 0) or b"\r" in text:
-        return None                                      # blank lines, stray line breaks
-    # Each line: exactly `columns - 1` commas, the last one right before the quote.
-    if lines and (set(map(bytes.count, lines, itertools.repeat(b","))) != {columns - 1}
-                  or text.count(b",\n") != len(lines) - 1 or not text.endswith(b",")):
-        return None
+    cells = text.replace(b"\n", b",")
     try:
-        cells = text.replace(b",\n", b",").decode("utf-8").split(",")[:-1]
+        leading = cells.decode("utf-8").split(",")
     except UnicodeDecodeError:
         return None
-    return [tuple(cells[c::columns - 1]) for c in range(columns - 1)], opening + 1, closing
+    last = np.fromiter(map(len, cells.split(b",")[columns - 1::columns]), dtype=np.int64, count=len(begin))
+    fields = [tuple(leading[c::columns]) for c in range(columns - 1)]
+    return fields, np.where(quoted, opening + 1, end - last), np.where(quoted, closing, end)
 
 
 def _rows_jsonl(path: pathlib.Path, human_default: bool | None) -> Rows:
@@ -1205,6 +1211,7 @@ def _plain_dict_values(data: bytes, starts: np.ndarray, ends: np.ndarray) -> tup
     number, plain = _numbers(buf, slots)
     bad = ~paired | (np.bincount(slots.row[~plain], minlength=rows) > 0)
     has = slots.count > 0
+    bad[has] |= (slots.key[slots.first[has]] != starts[has] + 1) | (buf[starts[has]] != ord("{"))
     bad[has] |= buf[ends[has] - 1] != ord("}")
     bad[~has] |= (ends - starts != 2)[~has] | (buf[starts] != ord("{"))[~has] | (buf[starts + 1] != ord("}"))[~has]
     slow = bad | has                                  # '{}' rates nothing: taken as it is
@@ -1318,7 +1325,8 @@ def _layouts(data: bytes, starts: np.ndarray, slots: _Slots, rows: np.ndarray):
             if n > 1:
                 members = order[a:a + n]
                 same[members] &= _same_text(buf, starts, slots, candidates[members])
-        if all(e[:3] == (b'"{\'' if j == 0 else b", '") and e[-3:] == b"': " for j, e in enumerate(edges)):
+        # The first edge starts with the byte before the dict: its CSV quote, or the comma before it.
+        if all((e[1:3] == b"{'" if j == 0 else e[:3] == b", '") and e[-3:] == b"': " for j, e in enumerate(edges)):
             yield tuple(e[3:-3] for e in edges), candidates[same]
         rows = np.setdiff1d(rows, candidates[same], assume_unique=True)
         rows = rows[rows != model]
