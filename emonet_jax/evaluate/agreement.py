@@ -1299,8 +1299,8 @@ def _floats(tokens: list[bytes]) -> np.ndarray:
 def _layouts(data: bytes, starts: np.ndarray, slots: _Slots, rows: np.ndarray):
     """Yields (keys, the rows with exactly those keys) among `rows`.
 
-    A layout is the first remaining row's text around its values: for each slot, ", '" (or
-    '"{'' for the first) + key + "': ". The rows with as many slots are compared with it without
+    A layout is the first remaining row's text around its values: for each slot, ", '" + key +
+    "': " (for the first, the byte before the dict and "{'"). The rows with as many slots are compared with it without
     a Python object per key: rows whose values have the same lengths (say, all one-digit
     ratings) read alike but for their values, so each such group compares whole rows with its
     first one, and only that one with the layout, 8 bytes at a time. A row that differs waits
