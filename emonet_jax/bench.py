@@ -259,9 +259,9 @@ def bench_heads() -> dict:
     steps = FLAGS.epochs * heads_train.steps_per_epoch(n, batch)
     tx, _ = heads_train.make_optimizer(stage, steps)
     rng = np.random.default_rng(0)
-    data = jax.device_put({"x": rng.standard_normal((n, dim), dtype=np.float32),
-                           "target": rng.uniform(0, 7, (n, heads.NUM_HEADS)).astype(np.float32),
-                           "mask": np.ones((n, heads.NUM_HEADS), np.float32)})
+    data = heads_train.device_data({"x": rng.standard_normal((n, dim), dtype=np.float32),
+                                    "target": rng.uniform(0, 7, (n, heads.NUM_HEADS)).astype(np.float32),
+                                    "mask": np.ones((n, heads.NUM_HEADS), np.float32)})
     state = jax.jit(lambda: heads_train.new_state(model, tx, dim, 0))()
     load = os.getloadavg()[0]
     start = time.perf_counter()

@@ -208,8 +208,11 @@ def pair_losses(scores: jax.Array, targets: jax.Array, target: str) -> jax.Array
 
 
 def heads_loss(scores, targets, mask, target: str) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """(sum over heads of each head's mean loss over its labelled pairs, (loss sum, pair count))."""
-    losses = pair_losses(scores, targets, target) * mask
+    """(sum over heads of each head's mean loss over its labelled pairs, (loss sum, pair count)).
+
+    An unlabelled pair (mask 0) adds nothing to the loss or the gradients, whatever its label holds."""
+    labelled = mask > 0
+    losses = jnp.where(labelled, pair_losses(scores, jnp.where(labelled, targets, 0), target), 0)
     per_head = losses.sum(0) / jnp.maximum(mask.sum(0), 1)
     return per_head.sum(), (losses.sum(), mask.sum())
 
@@ -224,8 +227,8 @@ def make_optimizer(stage, total_steps: int) -> tuple[optax.GradientTransformatio
 def make_train_step(model: heads.Heads, tx: optax.GradientTransformation, target: str, seed: int):
     """jit((state, data, rows, valid) -> (state, metrics)), state donated.
 
-    `data` ({'x', 'target', 'mask'}) stays on the device; `rows` [B] int32 picks the batch and
-    `valid` [B] is 0 for the padding that fills the last batch of an epoch."""
+    `data` (`device_data`) stays on the device; `rows` [B] int32 picks the batch and `valid`
+    [B] is 0 for the padding that fills the last batch of an epoch."""
 
     def loss_fn(params, x, targets, mask, rng):
         scores = model.apply({"params": params}, x, train=True, rngs={"dropout": rng})
@@ -238,10 +241,11 @@ def make_train_step(model: heads.Heads, tx: optax.GradientTransformation, target
         (_, (loss_sum, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], x, targets, mask, rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        # Only the first non-finite step is recorded (the host stops the run at its next check,
-        # before any checkpoint). Selecting between old and new state on device, as the ViT
-        # trainer does, would double the time of this small, memory-bound step.
-        bad = ~(jnp.isfinite(loss_sum) & jnp.isfinite(optax.tree.norm(grads)))
+        # The first step with a non-finite loss is recorded and the host stops the run at its
+        # next check, before any checkpoint (parameters are checked too before each one).
+        # Selecting between old and new state on device as the ViT trainer does, or taking the
+        # gradients' norm, would double the time of this small, memory-bound step.
+        bad = ~jnp.isfinite(loss_sum)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                      "opt_state": opt_state,
                      "first_bad_step": jnp.where((state["first_bad_step"] < 0) & bad, state["step"],
@@ -251,12 +255,21 @@ def make_train_step(model: heads.Heads, tx: optax.GradientTransformation, target
     return jax.jit(step, donate_argnums=(0,))
 
 
-def check_finite(state, step: int) -> None:
-    """Raises train.NonFiniteLoss naming the first step whose loss or gradients were not finite."""
+def device_data(arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """A stage's {'x', 'target', 'mask'} on the device, where each step gathers its rows."""
+    return jax.device_put({k: arrays[k] for k in ("x", "target", "mask")})
+
+
+def check_finite(state, step: int, params: bool = False) -> None:
+    """Raises train.NonFiniteLoss naming the first step whose loss was not finite (or, with
+    `params`, if a parameter is not finite)."""
     bad = int(jax.device_get(state["first_bad_step"]))
     if bad >= 0:
-        raise train.NonFiniteLoss(f"loss or gradients became NaN/inf at step {bad + 1} (checked at step {step}); "
+        raise train.NonFiniteLoss(f"the loss became NaN/inf at step {bad + 1} (checked at step {step}); "
                                   "no checkpoint was written after it, the latest one is from before")
+    if params and not bool(jnp.isfinite(optax.tree.norm(state["params"]))):
+        raise train.NonFiniteLoss(f"parameters became NaN/inf by step {step}; no checkpoint was written after "
+                                  "it, the latest one is from before")
 
 
 def epoch_batches(num_rows: int, batch_size: int, seed: int, stage_index: int, epoch: int):
@@ -434,7 +447,7 @@ def run_stage(model, stage: Stage, state, start_epoch: int, config, ckpt, writer
     if start_epoch == 0:  # a stage starts with fresh optimizer moments and schedule
         state = {**state, "opt_state": jax.jit(tx.init)(state["params"])}
     train_step = make_train_step(model, tx, cfg.target, config.seed)
-    data = jax.device_put({k: stage.data[k] for k in ("x", "target", "mask")})
+    data = device_data(stage.data)
     stage_start = int(state["step"]) - start_epoch * steps_per_epoch(len(stage.data["x"]), cfg.batch_size)
     accumulated, start = None, time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
@@ -447,7 +460,7 @@ def run_stage(model, stage: Stage, state, start_epoch: int, config, ckpt, writer
                 train.log_train(writer, step, accumulated, float(lr(step - stage_start - 1)))
                 accumulated = None
         step = int(state["step"])
-        check_finite(state, step)  # never checkpoint a broken run
+        check_finite(state, step, params=True)  # never checkpoint a broken run
         ckpt.save(step, state, progress(stage, epoch + 1, config), force=True)
     if accumulated is not None:
         train.log_train(writer, int(state["step"]), accumulated, float(lr(int(state["step"]) - stage_start - 1)))

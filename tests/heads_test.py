@@ -55,7 +55,7 @@ def train_epochs(model, stage, data, epochs, seed=0, step=None):
     tx, _ = heads_train.make_optimizer(stage, steps)
     state = jax.jit(lambda: heads_train.new_state(model, tx, data["x"].shape[1], seed))()
     step = step or heads_train.make_train_step(model, tx, stage.target, seed)
-    device_data = jax.device_put({k: data[k] for k in ("x", "target", "mask")})
+    device_data = heads_train.device_data(data)
     for epoch in range(epochs):
         for rows, valid in heads_train.epoch_batches(len(data["x"]), stage.batch_size, seed, 0, epoch):
             state, _ = step(state, device_data, rows, valid)
@@ -104,6 +104,18 @@ def test_dropout_masks_differ_between_heads():
     assert np.ptp(np.asarray(model.apply({"params": params}, x)[0])) < 1e-5
 
 
+def test_hash_dropout_keeps_the_expected_share_and_the_mean():
+    x = jnp.ones((40, 256, 128))
+    out = np.asarray(heads.HashDropout(0.1, deterministic=False).apply({}, x, rngs={"dropout": jax.random.key(3)}))
+    kept = out > 0
+    assert abs(kept.mean() - 0.9) < 0.003 and np.allclose(out[kept], 1 / 0.9)
+    again = heads.HashDropout(0.1, deterministic=False).apply({}, x, rngs={"dropout": jax.random.key(4)})
+    assert 0.15 < float(np.mean((np.asarray(again) > 0) != kept)) < 0.2  # independent masks: 2 * 0.9 * 0.1
+    # Neighbouring elements are not correlated (a weak counter hash would show it here).
+    flat = kept.reshape(-1).astype(np.float64)
+    assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 0.01
+
+
 # --- losses, masks and the update step -------------------------------------------------------
 
 def test_a_masked_emotion_gives_its_head_zero_gradient():
@@ -114,6 +126,7 @@ def test_a_masked_emotion_gives_its_head_zero_gradient():
     mask = np.ones((10, E), np.float32)
     mask[:, 5] = 0        # emotion 5 never labelled
     mask[3, 9] = 0        # one pair of emotion 9 not labelled
+    y[:, 5], y[3, 9] = np.nan, np.inf  # what an unlabelled pair holds must not matter
 
     @jax.jit
     def grads(x, y, mask):
@@ -176,6 +189,24 @@ def test_training_is_deterministic_given_the_seed():
                for s in (0, 0, 1))
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step():
+    arrays, _ = linear_cache(n=64)
+    data = {"x": arrays["embeddings"], "target": np.where(arrays["soft_label_mask"], arrays["mean_intensity"], 0),
+            "mask": arrays["soft_label_mask"].astype(np.float32)}
+    data["target"][40, :], data["mask"][40, :] = np.inf, 1  # slipped through; rows 32..63 are the 2nd batch
+    stage = empathic_insight.get_config("small").pretrain
+    stage.batch_size = 32
+    model = heads.Heads(hidden=(8,))
+    tx, _ = heads_train.make_optimizer(stage, 4)
+    state = heads_train.new_state(model, tx, 16, 0)
+    step = heads_train.make_train_step(model, tx, "intensity", 0)
+    device_data = heads_train.device_data(data)
+    for rows in (np.arange(32), np.arange(32, 64), np.arange(32)):
+        state, _ = step(state, device_data, rows.astype(np.int32), np.ones(32, np.float32))
+    with pytest.raises(heads_train.train.NonFiniteLoss, match="step 2 "):
+        heads_train.check_finite(state, 3)
 
 
 def test_bad_labels_and_mixed_embeddings_fail_naming_the_cache_row_and_emotion(tmp_path):

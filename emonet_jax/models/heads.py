@@ -12,10 +12,10 @@ carry a leading axis of 40 (`StackedDense`), so all heads train in one jitted st
 Parameter names are `Dense_{i}/{kernel,bias}` with kernels [40, in, out] and biases
 [40, out]; head e (taxonomy.NAMES[e]) is slice e of every array (`head_params`), and `Head`,
 one emotion's MLP, applied to that slice gives the same numbers (a test checks it). Each head
-has its own initialisation and its own dropout masks, as 40 separate trainings would. The
-first layer, which reads the embedding and does most of the work, is a single
-[B, D] x [D, 40 * width] product; `compute_dtype='bfloat16'` runs it with bfloat16 operands
-and float32 accumulation (parameters stay float32).
+has its own initialisation and its own dropout masks (`HashDropout`), as 40 separate
+trainings would. The first layer, which reads the embedding and does most of the work, is a
+single [B, D] x [D, 40 * width] product; `compute_dtype='bfloat16'` runs it with bfloat16
+operands and float32 accumulation (parameters stay float32).
 
 Inputs are the raw pooled embedding (`input_norm='none'`, what the published heads take) or
 its L2-normalised version (`'l2'`); nothing is learned about the inputs, so an export needs
@@ -84,7 +84,7 @@ class Head(nn.Module):
     def __call__(self, x):
         for i, width in enumerate(self.hidden):
             x = nn.relu(nn.Dense(width, name=f"Dense_{i}")(x))
-            x = nn.Dropout(self.dropout, deterministic=self.deterministic)(x)
+            x = HashDropout(self.dropout, deterministic=self.deterministic)(x)
         return nn.Dense(1, name=f"Dense_{len(self.hidden)}")(x)[..., 0]
 
 
@@ -143,6 +143,41 @@ class StackedDense(nn.Module):
         return y + bias[:, None, :]
 
 
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with probability ~1/2."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def hash_bits(seed, shape) -> jax.Array:
+    """uint32 [shape] of a counter-based hash: element i is fmix(fmix(i * golden + seed[0]) ^ seed[1]).
+
+    XLA's CPU threefry costs ~15 ns per number, a fifth of a heads training step for the
+    dropout masks alone; dropout needs bits that look independent, not cryptographic ones, and
+    this hash (two rounds of MurmurHash3's finaliser keyed by two seed words) costs ~0.5 ns."""
+    i = jax.lax.iota(jnp.uint32, int(np.prod(shape))) * jnp.uint32(0x9E3779B9)
+    return _fmix32(_fmix32(i + seed[0]) ^ seed[1]).reshape(shape)
+
+
+class HashDropout(nn.Module):
+    """nn.Dropout with masks from `hash_bits`, keyed by two words drawn from the 'dropout' rng."""
+    rate: float
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        if self.deterministic or self.rate == 0:
+            return x
+        keep = 1.0 - self.rate
+        seed = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
+        threshold = jnp.uint32(min(round(keep * 2.0**32), 2**32 - 1))
+        mask = hash_bits(seed, x.shape) < threshold
+        return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
 class Heads(nn.Module):
     """`num_heads` independent MLPs (`Head`) on the same input: [B, D] -> [B, num_heads]."""
     hidden: Sequence[int] = VARIANTS["small"]
@@ -157,7 +192,7 @@ class Heads(nn.Module):
         for i, width in enumerate(self.hidden):
             x = nn.relu(StackedDense(width, self.num_heads, self.compute_dtype, name=f"Dense_{i}")(x))
             # One mask over [heads, B, width]: every head draws its own.
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = HashDropout(self.dropout, deterministic=not train)(x)
         return StackedDense(1, self.num_heads, name=f"Dense_{len(self.hidden)}")(x)[..., 0].T
 
 
