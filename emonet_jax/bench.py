@@ -8,6 +8,7 @@
     python -m emonet_jax.bench train_step [--variant=B/16 --res=224 --batch=8 --steps=5 --warmup=1
                                            --dtype=float32 --remat=false --scan=false]
     python -m emonet_jax.bench prepare [--prepare_dataset=hq --images=64 --image_size=224]
+    python -m emonet_jax.bench image_bytes [--images=64 --noise=8]
 
 `pipeline`: images/s of the training input pipeline at 224 px (random resized crop + flip,
 values in [-1, 1]) reading prepared 224 px records, against the same pipeline decoding the
@@ -38,8 +39,17 @@ reports `speedup` = reference seconds / ours.
 one device (chained n x n matmuls in JAX); the trainer's own step on random images and labels
 (compile seconds apart, `images_per_s` = batch / median step, FLOPs per step from XLA's cost
 analysis, `fraction_of_peak` and `floor_step_s` = FLOPs / peak); and images/s and peak RSS of
-a TFDS build of --images synthetic 1024 px originals in a subprocess of its own. The PyTorch
+a TFDS build of --images synthetic 1024 px originals in a subprocess of its own, with the bytes
+on disk of the records it wrote and of the PNG originals it read. The PyTorch
 baseline of `train_step` is `benchmarks/torch_vit_step.py` (same flags, same JSON keys).
+
+`image_bytes`: the mean size of one stored record image (the builders' own
+`sources.encode_image`: centre crop, resize, JPEG) at every builder resolution, and the
+milliseconds that encoding takes per image (the bulk of a build), for three kinds of 1024 px
+PNG original: the --images synthetic faces `prepare` uses, the same faces with N(0, --noise)
+pixel noise, and a real photograph of a face (matplotlib's `grace_hopper.jpg` sample, 512x600,
+centre-cropped and upsampled to 1024). The synthetic faces are flat cartoons that compress far
+better than photographs; the other two show how much larger photographic images get.
 """
 
 from __future__ import annotations
@@ -93,15 +103,20 @@ flags.DEFINE_bool("scan", False, "train_step: scan over the blocks (model.scan).
 flags.DEFINE_integer("warmup", 1, "train_step: untimed steps after compiling.")
 flags.DEFINE_integer("peak_n", 0, "peak, train_step: n of the n x n peak matmul (0: 2048 on CPU, 8192 elsewhere).")
 flags.DEFINE_enum("prepare_dataset", "hq", ["hq", "binary", "big"], "prepare: which builder builds the split.")
+flags.DEFINE_float("noise", 8.0, "image_bytes: std of the pixel noise (0-255) added to the noisy originals.")
 TRAIN_STEP = {"variant": "B/16", "batch": 8, "steps": 5}  # train_step: defaults of the shared flags
+
+
+def png_originals(files) -> list[bytes]:
+    """The encoded images of card-layout parquet shards."""
+    return [row["image"]["bytes"] for f in files for row in pq.read_table(f, columns=["image"]).to_pylist()]
 
 
 class PngSource:
     """Random access over the PNG bytes of parquet shards, decoded on read."""
 
     def __init__(self, files):
-        self._images = [row["image"]["bytes"] for f in files
-                        for row in pq.read_table(f, columns=["image"]).to_pylist()]
+        self._images = png_originals(files)
 
     def __len__(self):
         return len(self._images)
@@ -313,25 +328,87 @@ def bench_train_step() -> dict:
     return {"benchmark": "train_step", **result, "cpus": os.cpu_count(), "load_avg_1min_at_start": round(load, 2)}
 
 
-def bench_prepare() -> dict:
-    """The --prepare_dataset builder on --images synthetic 1024 px originals (generated once into
-    --cache, where `pipeline` keeps its own), stored at --image_size."""
-    from emonet_jax import perf
-    kind = FLAGS.prepare_dataset
-    spec = prepare.SyntheticSpec(**{f"num_{k}": FLAGS.images if k == kind else 0 for k in prepare.DATASETS},
-                                 image_size=1024, schemas=((kind, "card"),))
-    raw = pathlib.Path(FLAGS.cache) / "raw" / prepare._spec_key(spec) / kind   # prepare_synthetic's layout
+def synthetic_originals(kind: str, num: int, size: int = 1024) -> pathlib.Path:
+    """The folder of `num` synthetic `size` px card-layout originals of `kind`, generated once
+    into --cache (prepare_synthetic's layout, where `pipeline` keeps its own)."""
+    spec = prepare.SyntheticSpec(**{f"num_{k}": num if k == kind else 0 for k in prepare.DATASETS},
+                                 image_size=size, schemas=((kind, "card"),))
+    raw = pathlib.Path(FLAGS.cache) / "raw" / prepare._spec_key(spec) / kind
     if not (raw / "truth.npz").exists():
-        synthetic.write_split(raw, kind, FLAGS.images, seed=spec.seed, size=spec.image_size, schema="card")
+        synthetic.write_split(raw, kind, num, seed=spec.seed, size=size, schema="card")
+    return raw
+
+
+def _bytes_under(folder) -> int:
+    return sum(path.stat().st_size for path in pathlib.Path(folder).rglob("*") if path.is_file())
+
+
+def bench_prepare() -> dict:
+    """The --prepare_dataset builder on --images synthetic 1024 px originals, stored at --image_size."""
+    from emonet_jax import perf
+    raw = synthetic_originals(FLAGS.prepare_dataset, FLAGS.images)
+    originals = png_originals(sorted(raw.glob("*.parquet")))
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=FLAGS.cache) as out:
-        result = perf.bench_prepare(raw, kind, FLAGS.image_size, out)
-    return {"benchmark": "prepare", "original_size": spec.image_size, "image_size": FLAGS.image_size, **result,
+        result = perf.bench_prepare(raw, FLAGS.prepare_dataset, FLAGS.image_size, out)
+        records_bytes = _bytes_under(out)              # array_record shards + TFDS metadata
+    return {"benchmark": "prepare", "original_size": 1024, "image_size": FLAGS.image_size, **result,
+            "records_bytes": records_bytes, "records_bytes_per_image": records_bytes / result["images"],
+            "original_png_bytes_per_image": sum(map(len, originals)) / len(originals),
+            "cpus": os.cpu_count(), "load_avg_1min_at_start": round(load, 2)}
+
+
+def photo_original(size: int = 1024) -> bytes:
+    """A real photograph of a face (matplotlib's sample `grace_hopper.jpg`, 512x600), centre-cropped,
+    upsampled to `size` and PNG-encoded. Upsampling adds no detail, so a photograph taken at
+    `size` px would be larger as PNG; at the record resolutions (<= 448) it is a real photograph."""
+    from matplotlib import cbook
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as im:
+        w, h = im.size
+        side = min(w, h)
+        square = im.convert("RGB").crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
+    out = io.BytesIO()
+    square.resize((size, size), Image.BICUBIC).save(out, format="PNG")
+    return out.getvalue()
+
+
+def with_noise(png: bytes, std: float, rng: np.random.Generator) -> bytes:
+    """`png` plus N(0, std) per pixel and channel, PNG-encoded again."""
+    with Image.open(io.BytesIO(png)) as im:
+        pixels = np.asarray(im.convert("RGB"), np.float32)
+    noisy = np.clip(pixels + rng.normal(0, std, pixels.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(noisy).save(out, format="PNG")
+    return out.getvalue()
+
+
+def encoded_sizes(originals: list[bytes]) -> dict:
+    """Mean bytes of the PNG originals and, per builder resolution, of the stored JPEG and the
+    milliseconds `sources.encode_image` takes per image (decode, crop, resize, encode)."""
+    from emonet_jax.data import builder, sources
+    result = {"png_bytes": sum(map(len, originals)) / len(originals)}
+    for resolution in builder.RESOLUTIONS:
+        start = time.perf_counter()
+        stored = [sources.encode_image(png, resolution) for png in originals]
+        result[str(resolution)] = {"jpeg_bytes": sum(map(len, stored)) / len(stored),
+                                   "encode_ms": 1000 * (time.perf_counter() - start) / len(stored)}
+    return result
+
+
+def bench_image_bytes() -> dict:
+    originals = png_originals(sorted(synthetic_originals("hq", FLAGS.images).glob("*.parquet")))
+    rng = np.random.default_rng(0)
+    load = os.getloadavg()[0]
+    return {"benchmark": "image_bytes", "images": len(originals), "original_size": 1024, "noise_std": FLAGS.noise,
+            "synthetic": encoded_sizes(originals),
+            "synthetic_noise": encoded_sizes([with_noise(png, FLAGS.noise, rng) for png in originals]),
+            "photo_upsampled": encoded_sizes([photo_original()] * 8),   # 8 repeats: a steadier time
             "cpus": os.cpu_count(), "load_avg_1min_at_start": round(load, 2)}
 
 
 BENCHMARKS = {"pipeline": bench_pipeline, "agreement": bench_agreement, "heads": bench_heads,
-              "peak": bench_peak, "train_step": bench_train_step, "prepare": bench_prepare}
+              "peak": bench_peak, "train_step": bench_train_step, "prepare": bench_prepare,
+              "image_bytes": bench_image_bytes}
 
 
 def main(argv):

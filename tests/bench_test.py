@@ -1,6 +1,7 @@
-"""The compute benchmarks (`bench peak|train_step|prepare`, emonet_jax/perf.py) at tiny sizes."""
+"""The compute benchmarks (`bench peak|train_step|prepare|image_bytes`, emonet_jax/perf.py) at tiny sizes."""
 
 import importlib.util
+import io
 import json
 import pathlib
 import resource
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 from absl import flags
 from absl.testing import flagsaver
+from PIL import Image
 
 from emonet_jax import bench, perf, train
+from emonet_jax.data import builder, sources
 from emonet_jax.models import vit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -78,6 +81,39 @@ def test_prepare_reports_images_per_second_and_the_builds_peak_rss(tmp_path):
     # The build's own memory, not this process's (which a forked child's ru_maxrss would report).
     assert result["peak_rss_mb_after_imports"] < resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]          # the built records were scratch
+
+
+def test_prepare_reports_the_bytes_of_the_records_and_of_the_originals(tmp_path):
+    with flagsaver.as_parsed(images="4", image_size="64", cache=str(tmp_path)):
+        result = bench.bench_prepare()
+        originals = bench.png_originals(sorted(bench.synthetic_originals("hq", 4).glob("*.parquet")))
+    assert result["original_png_bytes_per_image"] == pytest.approx(np.mean([len(png) for png in originals]))
+    jpeg = bench.encoded_sizes(originals)["64"]["jpeg_bytes"]
+    # Each record is its JPEG plus the compressed label fields (< 2 KiB); array_record writes its
+    # file in 64 KiB blocks (two for a few records), and TFDS a few JSON files (< 16 KiB) beside it.
+    assert 4 * jpeg < result["records_bytes"] < 4 * (jpeg + 2048) + 2 * 65536 + 16384
+    assert result["records_bytes"] == pytest.approx(4 * result["records_bytes_per_image"])
+
+
+def test_image_bytes_grow_with_resolution_noise_and_photographic_detail(tmp_path):
+    with flagsaver.as_parsed(images="2", noise="16", cache=str(tmp_path)):
+        result = bench.bench_image_bytes()
+    synthetic, noisy, photo = result["synthetic"], result["synthetic_noise"], result["photo_upsampled"]
+    sizes = [str(r) for r in builder.RESOLUTIONS]
+    for kind in (synthetic, noisy, photo):
+        jpeg = [kind[r]["jpeg_bytes"] for r in sizes]
+        assert jpeg == sorted(jpeg) and all(kind[r]["encode_ms"] > 0 for r in sizes)
+    assert noisy["png_bytes"] > 4 * synthetic["png_bytes"] and photo["png_bytes"] > synthetic["png_bytes"]
+    assert photo["224"]["jpeg_bytes"] == len(sources.encode_image(bench.photo_original(), 224))
+    assert photo["224"]["jpeg_bytes"] > 1.5 * synthetic["224"]["jpeg_bytes"]
+
+
+def test_zero_noise_keeps_every_pixel(tmp_path):
+    png = bench.photo_original(64)
+    again = bench.with_noise(png, 0.0, np.random.default_rng(0))
+    decode = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    np.testing.assert_array_equal(decode(again), decode(png))
+    assert decode(png).shape == (64, 64, 3)
 
 
 def test_prepare_refuses_a_data_dir_that_holds_records(tmp_path):
