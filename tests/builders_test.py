@@ -452,3 +452,67 @@ def test_duplicate_image_id_and_empty_annotations_are_bad_rows(tmp_path):
     # The first row with the id keeps it: its labels are row 1's, not the duplicate's.
     by_id = {text(r["image_id"]): r for r in records}
     check_ratings(by_id["00001"], expected_raters("hq", "path_label", good[1]), integer=True)
+
+
+# ---------------------------------------------------------------------------
+# Two-split builds: each image is encoded once, each bad row counted once.
+
+
+def corrupt_images(raw_dir, rows: set[int], image_column: str):
+    """Rewrites the shards with garbage image bytes (file names kept) at the global `rows`."""
+    index = 0
+    for path in sorted(pathlib.Path(raw_dir).glob("*.parquet")):
+        table = pq.read_table(path)
+        values = table.to_pylist()
+        for value in values:
+            if index in rows:
+                value[image_column] = {**value[image_column], "bytes": b"\x89PNG\r\n\x1a\n but not really"}
+            index += 1
+        pq.write_table(pa.Table.from_pylist(values, schema=table.schema), path)
+
+
+def test_two_split_build_encodes_each_image_once(tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    synthetic.write_split(raw, "binary", NUM_ROWS["binary"], seed=3, size=IMAGE_SIZE, schema="card",
+                          rows_per_shard=ROWS_PER_SHARD)
+    # Bad images in both splits; the validation one (27) lies between the train ones in row order.
+    bad_rows = {5: "train", 27: "validation", 30: "train"}
+    assert {r: "validation" if sources.in_validation(f"{r:05d}", 10.0) else "train" for r in bad_rows} == bad_rows
+    corrupt_images(raw, set(bad_rows), "image")
+    encoded = collections.Counter()
+    encode_image = sources.encode_image
+
+    def counting_encode(data, resolution):
+        encoded[data] += 1
+        return encode_image(data, resolution)
+
+    monkeypatch.setattr(sources, "encode_image", counting_encode)
+    b = prepare.build("binary", tmp_path / "data", RESOLUTION, manual_dir=raw, max_bad_fraction=0.1)
+    # Every row's image went through the encoder once (the corrupt ones too: that is how they fail).
+    assert sum(encoded.values()) == NUM_ROWS["binary"]
+    assert max(encoded.values()) == len(bad_rows)           # the three identical garbage payloads
+    assert sorted(encoded.values())[:-1] == [1] * (len(encoded) - 1)
+    entry = metadata("binary", tmp_path / "data")["bad_rows"]
+    assert entry["count"] == len(bad_rows) and entry["rows_read"] == NUM_ROWS["binary"]
+    # In row order, whichever split pass met them.
+    assert len(entry["first"]) == len(bad_rows)
+    for message, row in zip(entry["first"], sorted(bad_rows)):
+        shard, local = divmod(row, ROWS_PER_SHARD)
+        assert message.startswith(f"row binary-{shard:05d}.parquet:{local}: ") and "does not decode" in message
+    records = read_back("binary", tmp_path / "data")
+    ids = {split: sorted(text(r["image_id"]) for r in rs) for split, rs in records.items()}
+    expected = [f"{i:05d}" for i in range(NUM_ROWS["binary"]) if i not in bad_rows]
+    assert ids["validation"] == [i for i in expected if sources.in_validation(i, 10.0)] == ["00029", "00035"]
+    assert ids["train"] == [i for i in expected if not sources.in_validation(i, 10.0)]
+    assert {s: i.num_examples for s, i in b.info.splits.items()} == {s: len(v) for s, v in ids.items()}
+
+
+def test_too_many_bad_rows_over_both_splits(tmp_path):
+    """Neither split alone is over the allowed fraction; both together are."""
+    raw = tmp_path / "raw"
+    synthetic.write_split(raw, "binary", NUM_ROWS["binary"], seed=3, size=IMAGE_SIZE, schema="card",
+                          rows_per_shard=ROWS_PER_SHARD)
+    corrupt_images(raw, {5, 27}, "image")
+    with pytest.raises(builder.TooManyBadRows, match="2 of 40 rows"):
+        prepare.build("binary", tmp_path / "data", RESOLUTION, manual_dir=raw, max_bad_fraction=0.04)
+    assert visible_splits("binary", tmp_path / "data") == {}

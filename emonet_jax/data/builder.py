@@ -37,6 +37,28 @@ class EmptySplit(ValueError):
 
 
 @dataclasses.dataclass
+class BadRows:
+    """How many rows were skipped, and the messages of the first few in row order."""
+    count: int = 0
+    first: list[tuple[int, str]] = dataclasses.field(default_factory=list)   # (row index, message)
+
+    def add(self, index: int, message: str) -> None:
+        self.count += 1
+        if len(self.first) < MAX_REPORTED_BAD_ROWS:
+            self.first.append((index, message))
+
+    @classmethod
+    def merge(cls, parts) -> "BadRows":
+        """The union of disjoint parts: each keeps its first rows, so the union's first are among them."""
+        parts = list(parts)
+        first = sorted(entry for part in parts for entry in part.first)[:MAX_REPORTED_BAD_ROWS]
+        return cls(sum(part.count for part in parts), first)
+
+    def messages(self) -> list[str]:
+        return [message for _, message in self.first]
+
+
+@dataclasses.dataclass
 class ResolutionConfig(tfds.core.BuilderConfig):
     resolution: int = 224
 
@@ -95,6 +117,7 @@ class EmoNetFaceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
         super().__init__(**kwargs)
         self._max_bad_fraction = max_bad_fraction
         self._votes_csv = votes_csv
+        self._bad_rows: dict[str, BadRows] = {}   # per split pass, merged into the metadata
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -149,40 +172,60 @@ class EmoNetFaceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
             raise sources.SchemaError(f"shards {mixed} are not in the {schema.name!r} layout of {files[0]}")
         votes = self._binary_votes(dl_manager) if schema is sources.PATH_EMOTION else None
         self.info.metadata["schema"] = schema.name
-        if self.VALIDATION_PERCENT is None:
-            return {self.SINGLE_SPLIT: self._generate_examples(files, schema, votes, None)}
-        return {split: self._generate_examples(files, schema, votes, split)
-                for split in ("train", "validation")}
+        self._bad_rows = {}
+        return {split: self._generate_examples(files, schema, votes, split) for split in self._split_names()}
 
     # -- examples -------------------------------------------------------------
 
+    def _split_names(self) -> tuple[str, ...]:
+        return (self.SINGLE_SPLIT,) if self.VALIDATION_PERCENT is None else ("train", "validation")
+
+    def _split_of(self, image_id: str) -> str:
+        if self.VALIDATION_PERCENT is None:
+            return self.SINGLE_SPLIT
+        return "validation" if sources.in_validation(image_id, self.VALIDATION_PERCENT) else "train"
+
     def _generate_examples(self, files, schema, votes, split):
-        """Examples of one split; every pass reads all rows, so each split sees the bad ones."""
+        """Examples of one split.
+
+        Every pass reads all rows, but only the rows whose image id falls in `split` are
+        parsed: the id needs no decoding, so each image is decoded and encoded once per
+        build whatever the number of splits. A bad row is thus seen by one pass only (the
+        pass of its id's split; duplicates of an id share it) and counted once.
+        """
         resolution = self.builder_config.resolution
-        name = split or self.SINGLE_SPLIT
-        rows_read, bad, ids, yielded = 0, [], set(), 0
+        rows_read, elsewhere, bad, ids = 0, 0, BadRows(), set()
         for row in sources.iter_rows(files, schema):
             rows_read += 1
+            if self._split_of(sources.image_id_of(row, schema)) != split:
+                elsewhere += 1
+                continue
             try:
                 ex = sources.parse_row(self.kind, schema, row, resolution, votes)
                 if ex["image_id"] in ids:
                     raise sources.BadRow(f"row {row.source}: image id {ex['image_id']!r} was already used by an earlier row")
             except sources.BadRow as e:
-                bad.append(str(e))
-                logging.warning("%s %s: skipped %s", self.name, name, e)
+                bad.add(row.index, str(e))
+                logging.warning("%s %s: skipped %s", self.name, split, e)
                 continue
             ids.add(ex["image_id"])
-            if split is None or sources.in_validation(ex["image_id"], self.VALIDATION_PERCENT) == (split == "validation"):
-                yielded += 1
-                yield ex["image_id"], ex
-        # Same numbers in every pass: a bad row belongs to no split.
-        self.info.metadata["bad_rows"] = {
-            "count": len(bad), "rows_read": rows_read, "first": bad[:MAX_REPORTED_BAD_ROWS]}
-        logging.info("%s %s: %d rows read, %d skipped", self.name, name, rows_read, len(bad))
-        self._check_fraction(len(bad), rows_read, "rows")
-        if not yielded:  # TFDS would fail later with "No examples were yielded", naming no cause
-            raise EmptySplit(f"{self.name}: no row falls in the {name!r} split ({rows_read} rows read, "
-                             f"{len(bad)} bad, {len(ids)} in other splits); nothing was written")
+            yield ex["image_id"], ex
+        logging.info("%s %s: %d rows read, %d of its rows skipped", self.name, split, rows_read, bad.count)
+        self._bad_rows[split] = bad
+        self._record_bad_rows(rows_read)
+        if not ids:  # TFDS would fail later with "No examples were yielded", naming no cause
+            raise EmptySplit(f"{self.name}: no row falls in the {split!r} split ({rows_read} rows read, "
+                             f"{bad.count} bad, {elsewhere} in other splits); nothing was written")
+
+    def _record_bad_rows(self, rows_read: int) -> None:
+        """Bad rows of the passes so far into the metadata; fails above the allowed fraction.
+
+        TFDS runs the passes one after the other, so after the last pass these are every
+        split's bad rows; an earlier pass's count is a lower bound, enough to fail early.
+        """
+        bad = BadRows.merge(self._bad_rows.values())
+        self.info.metadata["bad_rows"] = {"count": bad.count, "rows_read": rows_read, "first": bad.messages()}
+        self._check_fraction(bad.count, rows_read, "rows")
 
     def _check_fraction(self, bad: int, total: int, what: str) -> None:
         if total and bad / total > self._max_bad_fraction:

@@ -112,15 +112,12 @@ def literal(value: Any, what: str) -> Any:
         raise BadRow(f"{what} is neither JSON nor a Python literal: {e}") from None
 
 
-def image_bytes(value: Any) -> tuple[bytes, str]:
-    """(encoded bytes, original file name) from an HF Image struct or raw bytes."""
-    if isinstance(value, Mapping):
-        data, name = value.get("bytes"), value.get("path") or ""
-    else:
-        data, name = value, ""
+def image_bytes(value: Any) -> bytes:
+    """The encoded bytes of an HF Image struct, or the raw bytes themselves."""
+    data = value.get("bytes") if isinstance(value, Mapping) else value
     if not isinstance(data, (bytes, bytearray)) or not data:
         raise BadRow("image has no encoded bytes")
-    return bytes(data), str(name)
+    return bytes(data)
 
 
 def encode_image(data: bytes, resolution: int) -> bytes:
@@ -140,16 +137,21 @@ def encode_image(data: bytes, resolution: int) -> bytes:
     return out.getvalue()
 
 
-def image_id_of(row: Row, file_name: str) -> str:
+def image_id_of(row: Row, schema: Schema) -> str:
     """Stable id: an explicit id column, else the image's file stem, else the row index.
 
     The row-index fallback is the 5-digit position over all shards in file order,
-    which is how the published `binary.csv` names Binary images.
+    which is how the published `binary.csv` names Binary images. Nothing is decoded, so
+    the builder picks a row's split from its id before any image work:
+
+        split = "validation" if in_validation(image_id_of(row, schema), 10.0) else "train"
     """
     explicit = row.values.get("image_id", row.values.get("id"))
     if explicit not in (None, ""):
         return str(explicit)
-    stem = pathlib.PurePath(file_name).stem
+    image = row.values.get(schema.image_column)
+    file_name = image.get("path") if isinstance(image, Mapping) else None
+    stem = pathlib.PurePath(str(file_name or "")).stem
     return stem if stem else f"{row.index:05d}"
 
 
@@ -246,8 +248,8 @@ def _parse_row(kind, schema, row, resolution, votes):
     for column in schema.columns:
         if row.values.get(column) is None:
             raise BadRow(f"missing field {column!r}")
-    data, file_name = image_bytes(row.values[schema.image_column])
-    image_id = image_id_of(row, file_name)
+    data = image_bytes(row.values[schema.image_column])
+    image_id = image_id_of(row, schema)
     fields: dict[str, Any] = {"image_id": image_id}
     if schema is CARD:
         fields["prompt"] = str(row.values["prompt"])
