@@ -39,12 +39,15 @@ Stages, in this order (a stage with `epochs = 0` is skipped):
   4. export     WORKDIR/export/{heads.safetensors, card.json} (`models/heads.export`);
                 the subtracted means are the per-head means of the raw scores over HQ.
 
-One jitted step updates all 40 heads (state donated). Each head's loss is the mean over its
-labelled (image, emotion) pairs in the batch and the heads' losses are summed, so every head
-gets exactly the gradient it would get trained alone; a pair without a label contributes
-nothing (a head with no label in a batch gets a zero gradient). AdamW per stage, warmup +
-cosine (`optim.schedule`); weight decay on kernels only. No global-norm clipping: one norm
-over 40 heads would couple their updates. The data sit on the device and each step gathers
+One jitted step updates all 40 heads (state donated); its products take `model.compute_dtype`
+operands (bfloat16 by default, float32 accumulation: `models/mixed_precision.py`) while
+parameters, optimizer and embeddings stay float32, and evaluation (HQ, validation, the
+export's means) runs float32 products, as `predict` does from the export. Each head's loss is
+the mean over its labelled (image, emotion) pairs in the batch and the heads' losses are
+summed, so every head gets exactly the gradient it would get trained alone; a pair without a
+label contributes nothing (a head with no label in a batch gets a zero gradient). AdamW per
+stage, warmup + cosine (`optim.schedule`); weight decay on kernels only. No global-norm
+clipping: one norm over 40 heads would couple their updates. The data sit on the device and each step gathers
 its rows there. Every random draw is a function of (seed, stage, epoch) or (seed, step), so a
 run is deterministic, and re-running the command on the same workdir resumes from the last
 finished epoch (WORKDIR/checkpoints, orbax) with the same result as an uninterrupted run.

@@ -9,13 +9,20 @@ carry a leading axis of 40 (`StackedDense`), so all heads train in one jitted st
     params = model.init(jax.random.key(0), jnp.zeros((1, 1152)))["params"]
     scores = model.apply({"params": params}, embeddings)          # [B, D] -> [B, 40], taxonomy order
 
-Parameter names are `Dense_{i}/{kernel,bias}` with kernels [40, in, out] and biases
-[40, out]; head e (taxonomy.NAMES[e]) is slice e of every array (`head_params`), and `Head`,
-one emotion's MLP, applied to that slice gives the same numbers (a test checks it). Each head
-has its own initialisation and its own dropout masks (`HashDropout`), as 40 separate
-trainings would. The first layer, which reads the embedding and does most of the work, is a
-single [B, D] x [D, 40 * width] product; `compute_dtype='bfloat16'` runs it with bfloat16
-operands and float32 accumulation (parameters stay float32).
+Parameter names are `Dense_{i}/{kernel,bias}` with kernels [40, out, in] (each head's kernel
+transposed, as torch.nn.Linear stores it) and biases [40, out]. `per_head_layout` turns them
+into kernels [40, in, out] where head e (taxonomy.NAMES[e]) is slice e of every array
+(`head_params`), and `Head`, one emotion's MLP, applied to that slice gives the same numbers
+(a test checks it). Each head has its own initialisation and its own dropout masks
+(`HashDropout`), as 40 separate trainings would.
+
+Inside, activations are feature-major ([features, B], then [40, features, B]) so that every
+product, forward and backward, is one `mixed_precision.matmul` with row-major operands: the
+first layer, which reads the embedding and does most of the work, is a single
+[40 * width, D] x [D, B] product (a free reshape of its kernel), and its kernel gradient a
+single [40 * width, B] x [B, D] one. `compute_dtype='bfloat16'` runs every product with
+bfloat16 operands and float32 accumulation (parameters, embeddings and the optimizer stay
+float32), which on a CPU with AMX is several times faster than float32.
 
 Inputs are the raw pooled embedding (`input_norm='none'`, what the published heads take) or
 its L2-normalised version (`'l2'`); nothing is learned about the inputs, so an export needs
@@ -28,7 +35,8 @@ Export (what `python -m emonet_jax.predict` reads):
     out = heads.predict(params, card, embeddings)   # {'raw': [N, 40], 'mean_subtracted': [N, 40]}
 
 `heads.safetensors` holds float32 tensors named by their '/'-joined parameter path
-(`Dense_0/kernel` ...). `card.json` (`make_card`) holds everything needed to use them:
+(`Dense_0/kernel` ...), in `per_head_layout` (kernels [40, in, out]; `load_export` returns the
+module's layout). `card.json` (`make_card`) holds everything needed to use them:
 
     format            1
     emotions          the 40 names in output order (= emonet_jax.taxonomy.NAMES)
@@ -60,6 +68,7 @@ import numpy as np
 from safetensors import numpy as safetensors_numpy
 
 from emonet_jax import taxonomy, tree
+from emonet_jax.models import mixed_precision
 
 NUM_HEADS = taxonomy.NUM_EMOTIONS
 VARIANTS = {"small": (128, 32), "large": (1024, 512, 256)}
@@ -88,59 +97,32 @@ class Head(nn.Module):
         return nn.Dense(1, name=f"Dense_{len(self.hidden)}")(x)[..., 0]
 
 
-@jax.custom_vjp
-def bf16_matmul(x, w):
-    """x [B, D] @ w [D, F] with bfloat16 operands and float32 accumulation and result.
-
-    Mixed precision with a bfloat16 backward too: both gradient products also take bfloat16
-    operands (autodiff would run them on the float32 cotangent, the slow path on CPU)."""
-    return _bf16_dot(x, w)
-
-
-def _bf16_dot(a, b):
-    return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
-
-
-def _bf16_matmul_fwd(x, w):
-    x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    return _bf16_dot(x, w), (x, w)
-
-
-def _bf16_matmul_bwd(residuals, g):
-    x, w = residuals
-    g = g.astype(jnp.bfloat16)
-    return _bf16_dot(g, w.T), _bf16_dot(x.T, g)
-
-
-bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
-
-
 class StackedDense(nn.Module):
-    """`num_heads` Dense layers: kernel [heads, in, out], bias [heads, out].
+    """`num_heads` Dense layers side by side, feature-major: kernel [heads, out, in] (each head's
+    kernel transposed, as torch.nn.Linear stores it), bias [heads, out].
 
-    x [B, in] (one input shared by every head) or [heads, B, in] -> [heads, B, out]. The shared
-    case is one [B, in] x [in, heads * out] product (most of the work: the first layer reads the
-    1152-d embedding), in bfloat16 with float32 accumulation when `compute_dtype` says so; the
-    per-head products that follow stay float32 (XLA's CPU batched dot has no bf16 x bf16 -> f32).
-    """
+    x [in, B] (one input shared by every head) or [heads, in, B] -> [heads, out, B]. Every
+    product is canonical for `mixed_precision.matmul` (kernel rows times input columns), forward
+    and backward, so none needs a large transpose: the shared case is one
+    [heads * out, in] x [in, B] product whose kernel reshape is free. `compute_dtype` is the
+    operand dtype (float32 accumulation, float32 parameters)."""
     features: int
     num_heads: int
     compute_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x):
-        n_in = x.shape[-1]
+        n_in, batch = x.shape[-2:]
         # Each head initialised as its own nn.Dense would be (lecun normal over its fan-in, zero bias).
-        kernel = self.param("kernel", nn.initializers.lecun_normal(batch_axis=(0,)),
-                            (self.num_heads, n_in, self.features))
+        init = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2, batch_axis=(0,))
+        kernel = self.param("kernel", init, (self.num_heads, self.features, n_in))
         bias = self.param("bias", nn.initializers.zeros, (self.num_heads, self.features))
         if x.ndim == 2:
-            flat = jnp.transpose(kernel, (1, 0, 2)).reshape(n_in, self.num_heads * self.features)
-            y = bf16_matmul(x, flat) if self.compute_dtype == "bfloat16" else x @ flat
-            y = jnp.transpose(y.reshape(x.shape[0], self.num_heads, self.features), (1, 0, 2))
+            flat = kernel.reshape(self.num_heads * self.features, n_in)
+            y = mixed_precision.matmul(flat, x, self.compute_dtype).reshape(self.num_heads, self.features, batch)
         else:
-            y = jnp.einsum("ebi,eio->ebo", x, kernel)
-        return y + bias[:, None, :]
+            y = mixed_precision.matmul(kernel, x, self.compute_dtype)
+        return y + bias[:, :, None]
 
 
 def _fmix32(h):
@@ -189,11 +171,13 @@ class Heads(nn.Module):
     @nn.compact
     def __call__(self, embeddings, *, train: bool = False):
         x = normalize_inputs(embeddings.astype(jnp.float32), self.input_norm)
+        # Feature-major from here on ([features, B], then [heads, features, B]): see StackedDense.
+        x = mixed_precision.transpose(x)
         for i, width in enumerate(self.hidden):
             x = nn.relu(StackedDense(width, self.num_heads, self.compute_dtype, name=f"Dense_{i}")(x))
-            # One mask over [heads, B, width]: every head draws its own.
+            # One mask over [heads, width, B]: every head draws its own.
             x = HashDropout(self.dropout, deterministic=not train)(x)
-        return StackedDense(1, self.num_heads, name=f"Dense_{len(self.hidden)}")(x)[..., 0].T
+        return StackedDense(1, self.num_heads, self.compute_dtype, name=f"Dense_{len(self.hidden)}")(x)[:, 0].T
 
 
 def normalize_inputs(x, input_norm: str):
@@ -218,7 +202,8 @@ def build(variant: str, hidden: Sequence[int] = (), dropout: float = 0.0, input_
 
 
 def param_shapes(hidden: Sequence[int], dim: int, num_heads: int = NUM_HEADS) -> dict[str, tuple[int, ...]]:
-    """{'Dense_i/kernel': (heads, in, out), 'Dense_i/bias': (heads, out)}."""
+    """{'Dense_i/kernel': (heads, in, out), 'Dense_i/bias': (heads, out)}: the per-head layout
+    (`per_head_layout`) that exports hold."""
     widths = [dim, *hidden, 1]
     shapes = {}
     for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
@@ -227,9 +212,25 @@ def param_shapes(hidden: Sequence[int], dim: int, num_heads: int = NUM_HEADS) ->
     return shapes
 
 
+def per_head_layout(params: Any) -> Any:
+    """`Heads` parameters with kernels [heads, in, out] (what an export holds, and slice e of
+    each array is head e's `Head` parameters) instead of the module's [heads, out, in]."""
+    return _swap_kernels(params)
+
+
+def module_layout(per_head: Any) -> Any:
+    """The inverse of `per_head_layout`."""
+    return _swap_kernels(per_head)
+
+
+def _swap_kernels(params):
+    swap = lambda path, x: np.swapaxes(x, 1, 2) if path.endswith("kernel") else x  # noqa: E731
+    return tree.map_with_path(swap, params)
+
+
 def head_params(params: Any, index: int) -> Any:
     """The parameters of head `index` alone, for `Head.apply`."""
-    return jax.tree.map(lambda x: x[index], params)
+    return jax.tree.map(lambda x: x[index], per_head_layout(params))
 
 
 # --- export ---------------------------------------------------------------------------------
@@ -261,11 +262,13 @@ def make_card(*, variant: str, hidden: Sequence[int], dim: int, dropout: float, 
 
 
 def export(out_dir, params: Any, card: dict[str, Any]) -> pathlib.Path:
-    """Writes out_dir/heads.safetensors (float32, '/'-joined names) and out_dir/card.json.
+    """Writes out_dir/heads.safetensors (float32, '/'-joined names, `per_head_layout`) and
+    out_dir/card.json.
 
     The card is checked against the parameters first, so an export always loads back."""
     out_dir = pathlib.Path(out_dir)
-    flat = {name: np.ascontiguousarray(np.asarray(x, np.float32)) for name, x in tree.flatten(params).items()}
+    flat = {name: np.ascontiguousarray(np.asarray(x, np.float32))
+            for name, x in tree.flatten(per_head_layout(jax.device_get(params))).items()}
     problems = _mismatches(flat, card)
     if problems:
         raise ExportError(f"parameters do not match the card: {problems}")
@@ -301,7 +304,7 @@ def load_export(export_dir) -> tuple[dict[str, Any], dict[str, Any]]:
     problems = _mismatches(flat, card)
     if problems:
         raise ExportError(f"{weights_path} does not match {card_path.name}: {problems}")
-    return tree.unflatten({k: v.astype(np.float32) for k, v in flat.items()}), card
+    return module_layout(tree.unflatten({k: v.astype(np.float32) for k, v in flat.items()})), card
 
 
 def _mismatches(flat: dict[str, np.ndarray], card: dict[str, Any]) -> str:
@@ -340,8 +343,9 @@ def predict(params: Any, card: dict[str, Any], embeddings: np.ndarray, batch_siz
 
 
 def apply_in_batches(model: Heads, params: Any, embeddings: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """model(embeddings) in eval mode, one compiled shape (the last batch is padded)."""
-    fn = _eval_fn(model)
+    """model(embeddings) in eval mode with float32 products (what `predict` computes from an
+    export, whatever dtype the heads trained in), one compiled shape (the last batch is padded)."""
+    fn = _eval_fn(model.clone(compute_dtype="float32"))
     n = len(embeddings)
     out = []
     for start in range(0, n, batch_size):

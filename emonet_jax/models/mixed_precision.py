@@ -1,0 +1,162 @@
+"""Matrix products in bfloat16 (float32 accumulation) that stay on XLA:CPU's fast path, backward too.
+
+    from emonet_jax.models import mixed_precision as mp
+    y = mp.matmul(a, b)                      # a [..., M, K] @ b [..., K, N] -> float32 [..., M, N]
+    y = mp.matmul(a, b, dtype=jnp.float32)   # the same products with float32 operands
+    t = mp.transpose(x)                      # x [..., M, N] -> [..., N, M], a real copy on CPU
+    nn.Dense(features, dot_general=mp.dot_general)    # a Flax layer's products through matmul
+
+Why: on a CPU with AMX (Sapphire Rapids and later) XLA hands a dot to YNNPACK only when both
+operands are row-major in the canonical form: lhs [batch..., M, K] contracting its last axis,
+rhs [batch..., K, N] contracting its first non-batch axis (`IsDotSupportedByYnn` in XLA's
+`backends/cpu/ynn_support.cc`, jax 0.10). A transposed operand is not copied: layout
+assignment gives it a column-major layout instead, the dot falls back to Eigen, and Eigen has
+no bfloat16 x bfloat16 -> float32 kernel (XLA upcasts the operands, or, for some fusions,
+fails with "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"). The
+products autodiff writes for a gradient are exactly such dots (x.T @ g, g @ w.T), so on 2
+Sapphire Rapids cores a bfloat16 backward ran slower than float32.
+
+`matmul` therefore has its own VJP in which every product is canonical: the operand that must
+be transposed is copied first (`transpose`), choosing for each cotangent the form that copies
+fewer elements:
+
+    da = g @ b^T       (copies b)         or  (b @ g^T)^T   (copies g and the result)
+    db = a^T @ g       (copies a)         or  (g^T @ a)^T   (copies g and the result)
+
+A gradient nobody reads (e.g. of frozen inputs) is removed by XLA with its copies.
+
+`transpose` makes the copy real on CPU by flattening the transposed array to one axis between
+two `optimization_barrier`s: a rank-1 array has a single layout, so the transpose has to happen
+there, and the barriers keep the simplifier from folding it into a layout change or into the
+dimension numbers of a neighbouring dot. This leans on how XLA:CPU assigns layouts today (not a documented contract);
+tests/mixed_precision_test.py checks the compiled gradient has no dot outside a YNNPACK fusion,
+so a jax upgrade that changes it fails there. On other platforms `transpose` is a plain
+transpose (their compilers transpose inside the dot). XLA:CPU's transpose is cheap for
+activation-sized arrays (~0.2 ms for 256 x 1152) but slow for large ones (~30 ms for a
+bfloat16 1152 x 5120), hence the element counts above.
+
+Shapes the fast path does not take (M or N of 1, all dimensions below 8: the same limits as
+YNNPACK's) are computed in float32 with plain autodiff, so no bfloat16 dot ever reaches Eigen.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+
+# YNNPACK declines a dot with M or N of 1, or with every dimension below this.
+_MIN_FAST_DIM = 8
+
+
+def transpose(x: jax.Array) -> jax.Array:
+    """x [..., M, N] -> [..., N, M], physically copied on CPU (see the module docstring)."""
+    return jax.lax.platform_dependent(x, cpu=_copied_transpose, default=_swap_last)
+
+
+def _swap_last(x):
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _copied_transpose(x):
+    # The barrier before keeps XLA from folding the transpose into the dot that made x (which
+    # would give that dot a transposed operand); the one after, into the dot that reads it.
+    flat = jax.lax.optimization_barrier(_swap_last(jax.lax.optimization_barrier(x)).reshape(-1))
+    return flat.reshape(x.shape[:-2] + (x.shape[-1], x.shape[-2]))
+
+
+def matmul(a: jax.Array, b: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
+    """a [..., M, K] @ b [..., K, N] (equal leading batch axes) -> float32 [..., M, N].
+
+    Operands are cast to `dtype` (bfloat16 or float32), products accumulate in float32, and
+    the cotangents come back in the operands' own dtypes."""
+    if a.ndim != b.ndim or a.ndim < 2 or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul expects a [..., M, K] and b [..., K, N] with equal batch axes, "
+                         f"got {a.shape} and {b.shape}")
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if min(m, n) == 1 or max(m, k, n) < _MIN_FAST_DIM:
+        return _dot(a.astype(jnp.float32), b.astype(jnp.float32), jnp.float32)
+    return _matmul(a, b, (jnp.dtype(dtype), a.dtype, b.dtype))
+
+
+def _dot(a, b, dtype):
+    """The canonical product: [..., M, K] x [..., K, N] -> float32 [..., M, N]."""
+    batch = tuple(range(a.ndim - 2))
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype),
+                               (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch)),
+                               preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(a, b, dtypes):
+    return _dot(a, b, dtypes[0])
+
+
+def _matmul_fwd(a, b, dtypes):
+    # The residuals are the cast operands: half the memory of float32 ones for bfloat16.
+    a, b = a.astype(dtypes[0]), b.astype(dtypes[0])
+    return _dot(a, b, dtypes[0]), (a, b)
+
+
+def _matmul_bwd(dtypes, residuals, g):
+    """(da, db) in the operands' dtypes, from float32 accumulations."""
+    dtype, a_dtype, b_dtype = dtypes
+    a, b = residuals
+    g = g.astype(dtype)
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    # Each cotangent in the form that copies fewer elements (see the module docstring).
+    if k * n <= m * n + m * k:
+        da = _dot(g, transpose(b), dtype)
+    else:
+        da = transpose(_dot(b, transpose(g), dtype))
+    if m * k <= m * n + k * n:
+        db = _dot(transpose(a), g, dtype)
+    else:
+        db = transpose(_dot(transpose(g), a, dtype))
+    return da.astype(a_dtype), db.astype(b_dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`jax.lax.dot_general` for a layer's kernel, with `matmul`'s products: a drop-in for Flax's
+    `nn.Dense(dot_general=...)`, `nn.DenseGeneral` and `nn.MultiHeadDotProductAttention(
+    qkv_dot_general=..., out_dot_general=...)`.
+
+    Takes the form those layers use: no batch axes, lhs's trailing axes contracted with rhs's
+    leading ones in the same order; both sides are then reshaped (free) to one [rows, K] x
+    [K, N] `matmul` in lhs's dtype. Any other form goes to `jax.lax.dot_general` unchanged.
+    The result has the dtype `jax.lax.dot_general` would give."""
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    n = len(lhs_contract)
+    trailing = tuple(range(lhs.ndim - n, lhs.ndim))
+    if lhs_batch or rhs_batch or tuple(lhs_contract) != trailing or tuple(rhs_contract) != tuple(range(n)):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    free, out = lhs.shape[:lhs.ndim - n], rhs.shape[n:]
+    k = math.prod(rhs.shape[:n])
+    y = matmul(lhs.reshape(math.prod(free), k), rhs.reshape(k, math.prod(out)), lhs.dtype)
+    return y.reshape(free + out).astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+def dots_off_fast_path(compiled_hlo: str) -> list[str]:
+    """The dots of a compiled XLA:CPU module (`jax.jit(f).lower(...).compile().as_text()`) that
+    do not run in a YNNPACK fusion, as 'name: shape' strings; [] when every product is on it.
+
+    What the tests and `bench` use to check a model keeps its products on the fast path."""
+    fast, blocks, name = set(), {}, None
+    for line in compiled_hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header:
+            name = header.group(1)
+            blocks[name] = []
+        elif name is not None:
+            blocks[name].append(line)
+        if '"__ynn_fusion"' in line:
+            fast.update(re.findall(r"calls=%([\w.\-]+)", line))
+    return [f"{m.group(1)}: {m.group(2)}" for block, lines in blocks.items() if block not in fast
+            for m in (re.search(r"%([\w.\-]+) = (\S+) dot\(", line) for line in lines) if m]

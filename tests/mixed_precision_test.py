@@ -1,0 +1,127 @@
+"""models/mixed_precision: values and gradients against float64, every branch of the VJP, the
+shapes that must avoid bfloat16, and (on CPU) that the compiled products stay on the fast path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from emonet_jax import tree
+from emonet_jax.models import mixed_precision as mp
+
+ON_CPU = jax.default_backend() == "cpu"
+
+
+def reference(a, b, w):
+    """float64 a @ b and the gradients of sum(w * (a @ b)) (batch axes leading)."""
+    a64, b64, w64 = (np.asarray(t, np.float64) for t in (a, b, w))
+    return a64 @ b64, w64 @ np.swapaxes(b64, -1, -2), np.swapaxes(a64, -1, -2) @ w64
+
+
+def relative_error(got, want):
+    return np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
+
+
+def random(shape, seed):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# (a, b) shapes. In the VJP: da copies b when K*N <= M*N + M*K, else g and the result; db copies
+# a when M*K <= M*N + K*N, else g and the result. These cover all four choices and a batch axis.
+SHAPES = {"both copy operands": ((64, 96), (96, 80)),
+          "da copies g": ((8, 128), (128, 256)),
+          "db copies g": ((256, 128), (128, 8)),
+          "batched": ((5, 16, 48), (5, 48, 24))}
+
+
+@pytest.mark.parametrize("shapes", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_matmul_and_its_gradients_match_float64(shapes, dtype, tolerance):
+    a, b = random(shapes[0], 0), random(shapes[1], 1)
+    w = random(shapes[0][:-1] + shapes[1][-1:], 2)
+    out = jax.jit(mp.matmul, static_argnums=2)(a, b, dtype)
+    da, db = jax.jit(jax.grad(lambda a, b: jnp.sum(w * mp.matmul(a, b, dtype)), (0, 1)))(a, b)
+    assert out.dtype == da.dtype == db.dtype == jnp.float32  # cotangents in the operands' dtype
+    for got, want in zip((out, da, db), reference(a, b, w)):
+        assert relative_error(got, want) < tolerance
+    if dtype == jnp.bfloat16:  # the products really are bfloat16 (not float32 in disguise)
+        exact = jax.jit(jax.grad(lambda a, b: jnp.sum(w * mp.matmul(a, b, jnp.float32))))(a, b)
+        assert not np.array_equal(np.asarray(da), np.asarray(exact))
+
+
+def test_bfloat16_operands_get_bfloat16_cotangents():
+    a, b = jnp.asarray(random((16, 32), 0), jnp.bfloat16), random((32, 24), 1)
+    da, db = jax.grad(lambda a, b: jnp.sum(mp.matmul(a, b)).astype(jnp.float32), (0, 1))(a, b)
+    assert da.dtype == jnp.bfloat16 and db.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("shapes", [((40, 1, 32), (40, 32, 9)), ((7, 64), (64, 1)), ((4, 4), (4, 4))],
+                         ids=["M=1", "N=1", "all below 8"])
+def test_shapes_off_the_fast_path_are_computed_in_float32(shapes):
+    # A bfloat16 dot of these shapes would reach Eigen, which fails ("BF16 x BF16 = F32").
+    a, b = random(shapes[0], 0), random(shapes[1], 1)
+    value, (da, db) = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(mp.matmul(a, b) ** 2), (0, 1)))(a, b)
+    want = a.astype(np.float64) @ b
+    np.testing.assert_allclose(float(value), np.sum(want ** 2), rtol=1e-5)
+    np.testing.assert_allclose(da, 2 * want @ np.swapaxes(b, -1, -2), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(db, 2 * np.swapaxes(a, -1, -2) @ want, rtol=1e-4, atol=1e-4)
+
+
+def test_mismatched_shapes_are_refused():
+    with pytest.raises(ValueError, match=r"\(3, 4\) and \(5, 6\)"):
+        mp.matmul(jnp.ones((3, 4)), jnp.ones((5, 6)))
+    with pytest.raises(ValueError, match="equal batch axes"):
+        mp.matmul(jnp.ones((2, 3, 4)), jnp.ones((3, 4, 5)))
+
+
+def test_transpose_swaps_the_last_two_axes():
+    x = random((3, 5, 7), 0)
+    np.testing.assert_array_equal(jax.jit(mp.transpose)(x), np.swapaxes(x, 1, 2))
+    np.testing.assert_array_equal(mp.transpose(x), np.swapaxes(x, 1, 2))
+
+
+@pytest.mark.skipif(not ON_CPU, reason="XLA:CPU's YNNPACK fast path")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_every_product_of_the_gradient_stays_on_the_cpu_fast_path(dtype):
+    """If a jax upgrade changes how XLA:CPU lays out transposes, this fails (see the module docstring)."""
+    def loss(a, b, c):  # a chain of products: every gradient needs transposed operands
+        return jnp.sum(jnp.tanh(mp.matmul(jax.nn.relu(mp.matmul(a, b, dtype)), c, dtype)))
+
+    shapes = [(8, 128), (128, 256), (256, 64)]  # M = 8 also takes the copy-g branch
+    args = [random(s, i) for i, s in enumerate(shapes)]
+    compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(*args).compile().as_text()
+    assert mp.dots_off_fast_path(compiled) == []
+    # The check itself sees a product that is not on it: autodiff's own gradient of a @ b.
+    plain = jax.jit(jax.grad(lambda a, b: jnp.sum(a @ b), (0, 1))).lower(*args[:2]).compile().as_text()
+    assert mp.dots_off_fast_path(plain)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_flax_layers_with_dot_general_match_their_defaults(dtype):
+    """Dense, DenseGeneral over two axes, attention: same parameters, same values and gradients."""
+    x = random((2, 12, 32), 0)
+    layers = {
+        "dense": lambda **kw: nn.Dense(24, dtype=dtype, **kw),
+        "dense_general": lambda **kw: nn.DenseGeneral((4, 6), axis=(-2, -1), dtype=dtype, **kw),
+        "attention": lambda **kw: nn.MultiHeadDotProductAttention(
+            num_heads=4, dtype=dtype, **{f"{p}_{k}": v for k, v in kw.items() for p in ("qkv", "out")}),
+    }
+    for name, make in layers.items():
+        inputs = x.reshape(2, 12, 8, 4) if name == "dense_general" else x
+        default, ours = make(), make(dot_general=mp.dot_general)
+        params = default.init(jax.random.key(0), inputs)
+        assert jax.tree.structure(params) == jax.tree.structure(ours.init(jax.random.key(0), inputs))
+        loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply(p, inputs).astype(jnp.float32)))  # noqa: E731
+        for m in (default, ours):
+            assert m.apply(params, inputs).dtype == dtype, name
+        want, got = (jax.jit(jax.grad(loss(m)))(params) for m in (default, ours))
+        tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
+        for path, leaf in tree.flatten(want).items():
+            assert relative_error(tree.flatten(got)[path], np.asarray(leaf, np.float64)) < tolerance, (name, path)
+
+
+def test_dot_general_passes_other_forms_to_lax():
+    a, b = random((3, 4, 5), 0), random((3, 5, 6), 1)
+    batched = (((2,), (1,)), ((0,), (0,)))
+    np.testing.assert_array_equal(mp.dot_general(a, b, batched), jax.lax.dot_general(a, b, batched))
