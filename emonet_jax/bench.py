@@ -94,7 +94,8 @@ flags.DEFINE_integer("epochs", 3, "heads: epochs.")
 flags.DEFINE_string("reference", "", "heads: a Python with torch (e.g. .venv-torch/bin/python) to run the "
                     "PyTorch baseline benchmarks/torch_heads.py and report the speedup.")
 flags.DEFINE_integer("reference_threads", os.cpu_count(), "heads: torch.set_num_threads of the baseline.")
-flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "heads: the first layer's operand dtype.")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                  "heads: the products' operand dtype (the config's default: bfloat16).")
 HEADS_BATCH = 256  # heads: --batch when not given (the flag's own default is the pipeline's)
 flags.DEFINE_alias("res", "image_size")
 flags.DEFINE_alias("dtype", "compute_dtype")   # train_step, peak: model.compute_dtype / the matmul's dtype

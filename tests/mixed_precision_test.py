@@ -125,3 +125,17 @@ def test_dot_general_passes_other_forms_to_lax():
     a, b = random((3, 4, 5), 0), random((3, 5, 6), 1)
     batched = (((2,), (1,)), ((0,), (0,)))
     np.testing.assert_array_equal(mp.dot_general(a, b, batched), jax.lax.dot_general(a, b, batched))
+
+
+@pytest.mark.skipif(not ON_CPU, reason="XLA:CPU's YNNPACK fast path")
+def test_a_bfloat16_vit_keeps_its_dense_products_on_the_cpu_fast_path():
+    from emonet_jax.models import vit
+    model = vit.ViT(width=64, depth=2, mlp_dim=128, num_heads=4, patch_size=8, pool="map", dtype=jnp.bfloat16)
+    images = jnp.ones((2, 32, 32, 3))
+    params = model.init(jax.random.key(0), images)["params"]
+    loss = lambda p: jnp.sum(model.apply({"params": p}, images)[0].astype(jnp.float32) ** 2)  # noqa: E731
+    off = mp.dots_off_fast_path(jax.jit(jax.grad(loss)).lower(params).compile().as_text())
+    # What remains are attention's own batched products ([batch, heads, queries, keys] and the
+    # like; flax's dot_product_attention is not routed through matmul), never a projection or MLP.
+    ranks = [line.split("[")[1].split("]")[0].count(",") + 1 for line in off]
+    assert off and all(rank == 4 for rank in ranks), off

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emonet_jax.models import mixed_precision
+
 POOLS = ("map", "gap", "tok", "none")
 
 
@@ -59,6 +61,11 @@ def parse_variant(variant: str) -> tuple[Size, int]:
     return SIZES[match["size"]], int(match["patch"])
 
 
+# Attention's query/key/value/out projections through mixed_precision.dot_general: with
+# bfloat16 compute their gradients stay on XLA:CPU's AMX path (a plain dot_general's do not).
+_PROJECTIONS = dict(qkv_dot_general=mixed_precision.dot_general, out_dot_general=mixed_precision.dot_general)
+
+
 class MlpBlock(nn.Module):
     mlp_dim: int
     dropout: float = 0.0
@@ -68,7 +75,8 @@ class MlpBlock(nn.Module):
     def __call__(self, x, deterministic: bool = True):
         width = x.shape[-1]
         dense = lambda n: nn.Dense(n, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                                   bias_init=nn.initializers.normal(stddev=1e-6))
+                                   bias_init=nn.initializers.normal(stddev=1e-6),
+                                   dot_general=mixed_precision.dot_general)
         x = nn.gelu(dense(self.mlp_dim)(x))
         x = nn.Dropout(self.dropout)(x, deterministic)
         return dense(width)(x)
@@ -85,7 +93,7 @@ class Encoder1DBlock(nn.Module):
         y = nn.LayerNorm(dtype=self.dtype)(x)
         y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
                                             kernel_init=nn.initializers.xavier_uniform(),
-                                            deterministic=deterministic)(y, y)
+                                            deterministic=deterministic, **_PROJECTIONS)(y, y)
         x = x + nn.Dropout(self.dropout)(y, deterministic)
         y = nn.LayerNorm(dtype=self.dtype)(x)
         y = MlpBlock(self.mlp_dim, self.dropout, self.dtype)(y, deterministic)
@@ -138,7 +146,7 @@ class MAPHead(nn.Module):
         probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width), jnp.float32)
         probe = jnp.tile(probe, (batch, 1, 1)).astype(self.dtype)
         x = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
-                                            kernel_init=nn.initializers.xavier_uniform())(probe, x)
+                                            kernel_init=nn.initializers.xavier_uniform(), **_PROJECTIONS)(probe, x)
         y = nn.LayerNorm(dtype=self.dtype)(x)
         x = x + MlpBlock(self.mlp_dim, dtype=self.dtype)(y)
         return x[:, 0]
