@@ -129,6 +129,15 @@ def build_model(variant: str, image_size: int, force_local: bool):
     return model, "TimmLikeViT (written here, timm's architecture)", why
 
 
+
+def percentile(values: list[float], q: float) -> float:
+    """numpy.percentile's default (linear) rule; .venv-torch has torch only, no numpy."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="B/16")
@@ -143,7 +152,6 @@ def main():
     args = parser.parse_args()
     load = os.getloadavg()[0]                  # a shared machine: say how busy it was
 
-    import numpy as np
     import torch
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -170,13 +178,13 @@ def main():
         loss = step()
         seconds.append(time.perf_counter() - start)
         cpu_seconds.append(time.process_time() - start_cpu)
-    median = float(np.median(seconds))
+    median = percentile(seconds, 50)
     print(json.dumps({
         "benchmark": "torch_vit_step", "model": name, "why_not_timm": why_not_timm, "variant": args.variant, "image_size": args.res,
         "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype,
         "params": sum(p.numel() for p in model.parameters()), "images_per_s": args.batch / median,
-        "median_step_s": median, "p90_step_s": float(np.percentile(seconds, 90)), "step_s": seconds,
-        "median_step_cpu_s": float(np.median(cpu_seconds)),
+        "median_step_s": median, "p90_step_s": percentile(seconds, 90), "step_s": seconds,
+        "median_step_cpu_s": percentile(cpu_seconds, 50),
         "loss": loss, "threads": torch.get_num_threads(), "torch": torch.__version__, "cpus": os.cpu_count(),
         "load_avg_1min_at_start": load}))
 
