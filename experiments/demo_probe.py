@@ -158,19 +158,18 @@ def train(args) -> dict:
 
 # --- the problem in two halves: reading the face, and the readout from what is read ----------
 
-EXPERT_NAMES = tuple(f"expert-{i}" for i in range(1, synthetic.NUM_EXPERTS + 1))
+EXPERT_NAMES = synthetic.EXPERT_NAMES
 
 
-def hq_like(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(face params [N, P], expert table [8, N, 40] with NaN where unrated) without rendering."""
+def hq_like(num: int, seed: int) -> tuple[list[synthetic.Image], np.ndarray]:
+    """(faces without pixels, expert table [8, N, 40] with NaN where unrated)."""
     experts = synthetic.Raters(synthetic.EXPERT, EXPERT_NAMES, 0)
-    params, table = [], np.full((len(EXPERT_NAMES), num, taxonomy.NUM_EMOTIONS), np.nan)
-    for i in range(num):
-        image = face_without_pixels(seed, i)
-        params.append(image.params)
+    images = [face_without_pixels(seed, i) for i in range(num)]
+    table = np.full((len(EXPERT_NAMES), num, taxonomy.NUM_EMOTIONS), np.nan)
+    for i, image in enumerate(images):
         for name, ratings in synthetic.expert_ratings(image, experts, seed).items():
             table[EXPERT_NAMES.index(name), i] = [ratings[taxonomy.key_of(e)] for e in range(taxonomy.NUM_EMOTIONS)]
-    return np.array(params, np.float32), table
+    return images, table
 
 
 def face_without_pixels(seed: int, i: int) -> synthetic.Image:
@@ -194,9 +193,10 @@ def kappa_vs_experts(table: np.ndarray, scores: np.ndarray) -> tuple[float, floa
 
 
 def ceiling(args) -> dict:
-    params, table = hq_like(args.num, seed=5)
+    images, table = hq_like(args.num, seed=5)
+    params = np.array([image.params for image in images], np.float32)
     clean = np.array([faces.read_expression(p, synthetic._MATRIX) for p in params])
-    latent = np.array([face_without_pixels(5, i).latent for i in range(args.num)])
+    latent = np.array([image.latent for image in images])
     expected_vlm = vlm_labels(params, 40, seed=99).mean(0)
     oracles = {"latent": latent, "noise-free reading": clean, "E[VLM | face]": expected_vlm,
                "E[VLM | face], rounded": np.round(expected_vlm),
@@ -236,7 +236,8 @@ class ParamsToLogits(nn.Module):
 def params_mlp(args) -> dict:
     train_params = np.array([face_without_pixels(1, i).params for i in range(args.num_train)])
     one_hot = jnp.asarray(np.eye(8, dtype=np.float32)[vlm_labels(train_params, 1, seed=1)[0]])
-    hq_params, table = hq_like(600, seed=2)
+    hq_images, table = hq_like(600, seed=2)
+    hq_params = np.array([image.params for image in hq_images], np.float32)
     # Gaussian reading error with `noise` of each (clipped) parameter's variance.
     scale = np.clip(train_params, -faces.PARAM_LIMIT, faces.PARAM_LIMIT).std(0) * np.sqrt(args.noise)
     rng = np.random.default_rng(1)

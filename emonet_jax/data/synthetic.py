@@ -44,6 +44,7 @@ ETHNICITIES = ("African", "East Asian", "South Asian", "Caucasian", "Hispanic", 
 GENDERS = ("female", "male")
 AGES = ("young adult", "adult", "middle-aged", "elderly")
 NUM_EXPERTS = 8
+EXPERT_NAMES = tuple(f"expert-{i}" for i in range(1, NUM_EXPERTS + 1))
 EXPERTS_PER_IMAGE = 4
 BINARY_ANNOTATORS = tuple(f"human-{i}" for i in range(1, 8))
 ALIKE_COSINE = 0.95
@@ -276,7 +277,7 @@ def write_split(out_dir, kind: str, num: int, *, seed: int = 0, size: int = 128,
         raise ValueError(f"{kind} has no {schema!r} layout; choose one of {[s.name for s in sources.SCHEMAS[kind]]}")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    experts = Raters(EXPERT, tuple(f"expert-{i}" for i in range(1, NUM_EXPERTS + 1)), seed)
+    experts = Raters(EXPERT, EXPERT_NAMES, seed)
     vlm = Raters(VLM, ("vlm",), seed + 1)
     ids, latents, votes, shard, rows = [], [], [], 0, []
     kind_seed = seed * 1000 + ("hq", "binary", "big").index(kind)
