@@ -214,13 +214,15 @@ def params_fingerprint(params: Any) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def _loader(num_items: int, batch_size: int, load: Callable[[np.ndarray], Any], threads: int):
-    """load(indices) of consecutive batches of range(num_items), in order, `threads` at a time."""
+def batch_loader(num_items: int, batch_size: int, load: Callable[[np.ndarray], Any], threads: int):
+    """load(indices) of consecutive batches of range(num_items), in order, `threads` at a time
+    (what `embed` and `predict` read images with)."""
     ds = grain.MapDataset.range(num_items).batch(batch_size).map(load)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
 
 
-def _progress(total: int, initial: int = 0, desc: str = "embed"):
+def progress_bar(total: int, initial: int = 0, desc: str = "embed"):
+    """The images/s bar on stderr that `embed` and `predict` show; `initial` counts work resumed."""
     return tqdm(total=total, initial=initial, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
 
 
@@ -278,9 +280,9 @@ def embed_folder(embedder: Embedder, images_dir, out, *, threads: int = 8) -> di
         return images, (indices[kept], sorted(set(indices) - set(indices[kept])), errors)
 
     paths, embeddings, skipped = [], [], []
-    with _progress(len(files)) as bar:
+    with progress_bar(len(files)) as bar:
         for vectors, (kept, missed, errors) in embedder.embed_stream(
-                _loader(len(files), embedder.batch_size, read, threads)):
+                batch_loader(len(files), embedder.batch_size, read, threads)):
             for line in errors:
                 tqdm.write(f"skipped {line}", file=sys.stderr)
             paths += [files[i].relative_to(root).as_posix() for i in kept]
@@ -394,7 +396,7 @@ def embed_split(embedder: Embedder, split: str, data_dir, cache_dir, *, shard_si
     _start_or_match(cache_dir, meta)
     todo = [i for i in range(meta["num_shards"]) if not _finished(cache_dir, meta, i, source)]
     done_rows = meta["num_rows"] - sum(len(shard_rows(meta, i)) for i in todo)
-    with _progress(meta["num_rows"], done_rows, desc=f"embed {split}") as bar:
+    with progress_bar(meta["num_rows"], done_rows, desc=f"embed {split}") as bar:
         for i in todo:
             arrays = _embed_rows(embedder, source, meta, i, bar, threads)
             _save_npz(cache_dir / shard_name(i, meta["num_shards"]), arrays)
@@ -450,7 +452,7 @@ def _embed_rows(embedder: Embedder, source, meta: dict[str, Any], index: int, ba
         return images, labels
 
     parts = []
-    for vectors, labels in embedder.embed_stream(_loader(len(rows), embedder.batch_size, read, threads)):
+    for vectors, labels in embedder.embed_stream(batch_loader(len(rows), embedder.batch_size, read, threads)):
         parts.append({"embeddings": vectors, **labels})
         bar.update(len(vectors))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -355,9 +355,9 @@ def predict_files(model, inputs: Sequence, out, *, top_k: int = 3, rank_by: str 
         return images, ([indices[k] for k in kept], indices, errors)
 
     errors = sum("error" in line for line in previous)
-    with embed._progress(len(files), len(previous), desc="predict") as bar:
+    with embed.progress_bar(len(files), len(previous), desc="predict") as bar:
         for scores, (kept, indices, messages) in model.score_stream(
-                embed._loader(len(todo), model.batch_size, read, threads)):
+                embed.batch_loader(len(todo), model.batch_size, read, threads)):
             lines = _batch_lines(todo, kept, indices, messages, scores, model.means, top_k, rank_by)
             output.append(lines)
             for line in lines:
