@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -51,13 +52,24 @@ def scale_by_layer(depth: int, decay: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: _Empty(), update)
 
 
+def frozen(config, params: Any) -> Any:
+    """A tree like `params`: True where a parameter matches `config.freeze`."""
+    patterns = tree.compile_patterns(config.freeze, "optimizer.freeze")
+    return tree.map_with_path(lambda p, _: tree.matches_any(p, patterns), params)
+
+
+def stop_frozen_gradients(config, params: Any) -> Any:
+    """`params` with the frozen ones behind stop_gradient: their gradients are exact zeros, so
+    XLA drops the backward pass through a frozen tower instead of computing and discarding it."""
+    return jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, params, frozen(config, params))
+
+
 def make(config, params: Any, total_steps: int, depth: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optimizer, learning-rate schedule) for `params` from config.optimizer."""
     if config.name != "adamw":
         raise ValueError(f"optimizer.name must be 'adamw', got {config.name!r}")
     lr = schedule(config, total_steps)
-    frozen = tree.compile_patterns(config.freeze, "optimizer.freeze")
-    labels = tree.map_with_path(lambda p, _: "frozen" if tree.matches_any(p, frozen) else "trained", params)
+    labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen(config, params))
     if all(label == "frozen" for label in tree.flatten(labels).values()):
         raise ValueError(f"optimizer.freeze {tuple(config.freeze)} freezes every parameter")
     decay_mask = tree.map_with_path(lambda _, x: jnp.ndim(x) > 1, params)

@@ -169,6 +169,7 @@ def make_train_step(trainer: Trainer):
     accum = config.grad_accum_steps
 
     def micro_loss(params, micro, counts, rng):
+        params = optim.stop_frozen_gradients(config.optimizer, params)
         outputs = model.apply({"params": params}, micro["image"], train=True, rngs={"dropout": rng})
         sums = {k: s for k, (s, _) in losses.loss_terms(outputs, micro, config.loss).items()}
         return losses.combine(sums, counts, config.loss), sums
