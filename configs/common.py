@@ -4,7 +4,15 @@ Every key is listed here, so `--config.some_key=...` on any config either sets a
 or fails naming the key that does not exist.
 """
 
+import pathlib
+
 import ml_collections
+
+import emonet_jax
+
+# The demo's pre-trained image tower (made by experiments/pretrain_demo_tower.py; its card,
+# demo_tower.json beside it, says how and how well it reads the synthetic faces).
+DEMO_TOWER = pathlib.Path(emonet_jax.__file__).parent / "assets" / "demo_tower.npz"
 
 
 def base() -> ml_collections.ConfigDict:
@@ -100,6 +108,23 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.eval_every_steps = 150
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 30
+    return c
+
+
+def demo_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The paper's recipe in the synthetic world: a frozen pre-trained tower and a small MLP
+    head trained on the Big VLM labels and the Binary votes.
+
+    A ViT trained from scratch on a few thousand faces does not learn to read them in minutes
+    (BENCHMARKS.md, "Demo"); EmpathicInsight-Face does not either: it starts from SigLIP2. The
+    stand-in for SigLIP2 was pre-trained on other synthetic faces to describe their geometry,
+    never on an emotion label.
+    """
+    c.model.variant = "xs/8"
+    c.model.pretrained = str(DEMO_TOWER)
+    c.optimizer.freeze = ("img/.*",)
+    c.model.head_hidden = (256,)
+    c.input.crop_scale = (0.85, 1.0)  # a larger crop can cut away the mouth or the brows
     return c
 
 

@@ -20,7 +20,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**overrides):
-    c = hq.get_config("demo")
+    # The whole ViT trained (the real demo freezes a pre-trained tower).
+    c = hq.get_config("demo_scratch")
     c.batch_size = 16
     c.input.image_size = 32
     c.input.threads = 1
@@ -85,5 +86,5 @@ def main_command(workdir, data_dir, *flags):
     """`python -m emonet_jax.main` on the prepared tiny records, with `tiny_config`'s sizes."""
     overrides = {"batch_size": 16, "input.image_size": 32, "input.threads": 1, "data.synthetic": False,
                  "data.data_dir": str(data_dir), "eval_every_steps": 0, "optimizer.warmup_steps": 2}
-    return [sys.executable, "-m", "emonet_jax.main", "--config=configs/hq.py:demo", f"--workdir={workdir}",
+    return [sys.executable, "-m", "emonet_jax.main", "--config=configs/hq.py:demo_scratch", f"--workdir={workdir}",
             *(f"--config.{k}={v}" for k, v in overrides.items()), *flags]

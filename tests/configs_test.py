@@ -1,15 +1,17 @@
-"""Every config file loads for each of its arguments, and the fine-tuning config's tower loads."""
+"""Every config file loads for each of its arguments, and the towers the demos start from load."""
 
 import importlib
+import json
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import siglip_finetune
+from configs import common, hq, siglip_finetune
+from emonet_jax import tree
 from emonet_jax.models import emonet, pretrained
 
-ARGS = {"hq": ("", "demo"), "big": ("", "demo"), "binary": ("", "demo"),
+ARGS = {"hq": ("", "demo", "demo_scratch"), "big": ("", "demo"), "binary": ("", "demo"),
         "siglip_finetune": ("", "so400m", "b16", "demo")}
 
 
@@ -39,3 +41,24 @@ def test_finetune_demo_loads_the_shipped_tower():
     params, loaded = pretrained.init_tower(fresh, c.model.pretrained)
     assert loaded and all(p.startswith("img/") for p in loaded)
     assert float(jnp.abs(params["img"]["embedding"]["kernel"]).sum()) > 0
+
+
+def test_hq_demo_freezes_the_shipped_pretrained_tower():
+    c = hq.get_config("demo")
+    model = emonet.build(c)
+    size = c.input.image_size
+    fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]
+    fresh = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), fresh)
+    params, loaded = pretrained.init_tower(fresh, c.model.pretrained)
+    # Every tower parameter comes from the file, and the optimizer leaves all of them alone.
+    assert sorted(loaded) == sorted(p for p in tree.flatten(fresh) if p.startswith("img/"))
+    assert float(jnp.abs(params["img"]["embedding"]["kernel"]).sum()) > 0
+    frozen = tree.compile_patterns(c.optimizer.freeze, "optimizer.freeze")
+    assert all(tree.matches_any(p, frozen) == p.startswith("img/") for p in tree.flatten(fresh))
+
+
+def test_demo_tower_card_says_how_it_was_made():
+    card = json.loads(common.DEMO_TOWER.with_suffix(".json").read_text())
+    assert card["command"].startswith("python experiments/pretrain_demo_tower.py")
+    assert card["args"]["image_size"] == hq.get_config("demo").input.image_size
+    assert 0 < card["held_out_r2_mean"] <= 1

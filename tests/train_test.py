@@ -78,6 +78,15 @@ def test_frozen_parameters_do_not_move(data_dir):
     assert {"emotion_head/kernel", "emotion_head/bias"} <= moved
 
 
+def test_frozen_parameters_get_exactly_zero_gradients():
+    # stop_gradient, not a discarded gradient: XLA can then drop the frozen tower's backward.
+    config = tiny_config(**{"optimizer.freeze": ("img/.*",)}).optimizer
+    params = {"img": {"w": jnp.full((2,), 3.0)}, "emotion_head": {"kernel": jnp.full((2,), 5.0)}}
+    grads = jax.grad(lambda p: sum(jnp.sum(x ** 2) for x in jax.tree.leaves(optim.stop_frozen_gradients(config, p))))(params)
+    np.testing.assert_array_equal(grads["img"]["w"], [0.0, 0.0])
+    np.testing.assert_array_equal(grads["emotion_head"]["kernel"], [10.0, 10.0])
+
+
 def test_layer_decay_scales_blocks_by_depth():
     depth, d = 4, 0.5
     assert optim.layer_factor("img/embedding/kernel", (3,), depth, d) == d ** 5

@@ -42,6 +42,7 @@ class Size:
 # Named sizes (big_vision's, plus SigLIP's shape-optimised So400m and tiny ones for tests).
 SIZES = {
     "mu": Size(width=32, depth=2, mlp_dim=64, num_heads=2),
+    "xs": Size(width=64, depth=4, mlp_dim=256, num_heads=2),  # the demo's pre-trained tower
     "Ti": Size(width=192, depth=12, mlp_dim=768, num_heads=3),
     "S": Size(width=384, depth=12, mlp_dim=1536, num_heads=6),
     "M": Size(width=512, depth=12, mlp_dim=2048, num_heads=8),
