@@ -23,6 +23,10 @@ on those HQ-like faces: what a tower that reads the face this well could reach. 
 regresses the parameters from the pixels with the `cnn` tower and reports the held-out R^2 per
 parameter: how well a small tower reads the face when told what to look at.
 
+`spread` stretches a demo run's HQ scores around their mean (session 5):
+
+    python experiments/demo_probe.py spread --workdir=workdirs/demo --data_dir=workdirs/cache/synthetic/synthetic-<hash>
+
 `train` fits an EmotionModel (soft-label cross-entropy on one-hot targets, AdamW, warmup + cosine)
 on the first `--num_train` images with either the VLM ratings (`--target=vlm`, what the demo has)
 or the rounded noise-free reading (`--target=clean`, the best case), then reports the per-emotion
@@ -280,6 +284,26 @@ def params_cnn(args) -> dict:
             "r2": {name: round(float(v), 2) for name, v in zip(faces.FACIAL_PARAMS, r2)}}
 
 
+def spread(args) -> dict:
+    """A demo run's HQ scores (eval/hq_predictions.npz) stretched around their mean by each
+    factor: how much of the model's kappa a shrunk readout costs."""
+    scores = np.load(pathlib.Path(args.workdir) / "eval" / "hq_predictions.npz")
+    source = pipeline.open_split("emonet_face_hq/64", "test", args.data_dir)
+    _, names, table = model_eval.read_expert_ratings(source)
+    ids = [pipeline.as_text(source[i]["image_id"]) for i in range(len(source))]
+    if list(scores["image_id"]) != ids:
+        raise ValueError(f"{args.workdir}'s predictions are not in the order of the HQ records in {args.data_dir}")
+    s = scores["intensity"]
+    out = {}
+    for factor in (1.0, 1.5, 2.0, 2.5, 3.0):
+        stretched = np.clip(s.mean(0) + factor * (s - s.mean(0)), 0, 7)
+        result = agreement.hq_agreement(np.concatenate([table, stretched[None]]), names + ["model"],
+                                        [True] * len(names) + [False], full=False)["annotators"]
+        out[str(factor)] = round(result["model"]["mean_kappa"], 3)
+    return {"model_kappa_by_stretch": out, "model_std": round(float(s.std(0).mean()), 3),
+            "expert_std": round(float(np.nanstd(table, axis=1).mean()), 3)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -312,11 +336,15 @@ def main():
         p.add_argument("--steps", type=int, default=2000)
         p.add_argument("--batch", type=int, default=64)
         p.add_argument("--lr", type=float, default=1e-3)
+    stretch = sub.add_parser("spread")
+    stretch.add_argument("--workdir", required=True, help="a demo run (its eval/hq_predictions.npz)")
+    stretch.add_argument("--data_dir", required=True, help="the prepared synthetic records it evaluated on")
     args = parser.parse_args()
     if args.command == "gen":
         generate(args.num, args.seed, args.out)
     else:
-        run = {"train": train, "ceiling": ceiling, "params_mlp": params_mlp, "params_cnn": params_cnn}[args.command]
+        run = {"train": train, "ceiling": ceiling, "params_mlp": params_mlp, "params_cnn": params_cnn,
+               "spread": spread}[args.command]
         print(json.dumps(run(args)))
 
 

@@ -32,24 +32,24 @@ def test_finetune_config_tower_and_decay():
     assert c.optimizer.layer_decay < 1 and c.optimizer.lr <= 1e-4 and not c.input.flip
 
 
-def test_finetune_demo_loads_the_shipped_tower():
-    c = siglip_finetune.get_config("demo")
+def load_configured_tower(c):
+    """(zero-initialised params of the config's model, them with the config's tower loaded, loaded paths)."""
     model = emonet.build(c)
     size = c.input.image_size
     fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]
     fresh = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), fresh)
-    params, loaded = pretrained.init_tower(fresh, c.model.pretrained)
+    return (fresh, *pretrained.init_tower(fresh, c.model.pretrained))
+
+
+def test_finetune_demo_loads_the_shipped_tower():
+    _, params, loaded = load_configured_tower(siglip_finetune.get_config("demo"))
     assert loaded and all(p.startswith("img/") for p in loaded)
     assert float(jnp.abs(params["img"]["embedding"]["kernel"]).sum()) > 0
 
 
 def test_hq_demo_freezes_the_shipped_pretrained_tower():
     c = hq.get_config("demo")
-    model = emonet.build(c)
-    size = c.input.image_size
-    fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]
-    fresh = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), fresh)
-    params, loaded = pretrained.init_tower(fresh, c.model.pretrained)
+    fresh, params, loaded = load_configured_tower(c)
     # Every tower parameter comes from the file, and the optimizer leaves all of them alone.
     assert sorted(loaded) == sorted(p for p in tree.flatten(fresh) if p.startswith("img/"))
     assert float(jnp.abs(params["img"]["embedding"]["kernel"]).sum()) > 0
