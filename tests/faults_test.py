@@ -37,6 +37,7 @@ measured in the README's reliability section): each killed child process imports
 import errno
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -131,8 +132,15 @@ def copy_of(reference, tmp_path):
     return workdir
 
 
-def largest_file(directory):
-    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+def data_files(step_dir) -> list[pathlib.Path]:
+    """The array data files of one checkpoint step (orbax OCDBT's `d/` folders), relative to it.
+
+    All of them, not the largest: which data files the final manifest references depends on how
+    the asynchronous writes were chunked, so damaging one file need not damage what is read.
+    """
+    files = sorted(p.relative_to(step_dir) for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d")
+    assert files, f"no data files under {step_dir}"
+    return files
 
 
 def join_checkpoint_writes():
@@ -246,13 +254,14 @@ def garbage(path):
 def test_unreadable_latest_checkpoint(tmp_path, data_dir, reference, caplog, damage):
     workdir = copy_of(reference, tmp_path)
     step_12 = workdir / "checkpoints" / "12"
-    bad_file = largest_file(step_12).relative_to(step_12)
-    damage(step_12 / bad_file)
+    bad_files = data_files(step_12)
+    for bad_file in bad_files:
+        damage(step_12 / bad_file)
     result = train_run(workdir, data_dir, **RUN)
     warnings = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
     assert len(warnings) == 1 and "checkpoint step 12" in warnings[0], warnings
     moved = workdir / checkpoint.UNREADABLE_DIR / "12"  # kept, with the damaged file as it was
-    assert moved.is_dir() and (moved / bad_file).exists() == (damage is not os.remove)
+    assert moved.is_dir() and all((moved / f).exists() == (damage is not os.remove) for f in bad_files)
     assert saved_steps(workdir) == [6, 9, 12]  # 12 trained again from 9
     assert_ends_like_the_reference(workdir, result, reference)
 
@@ -260,7 +269,9 @@ def test_unreadable_latest_checkpoint(tmp_path, data_dir, reference, caplog, dam
 def test_no_readable_checkpoint(tmp_path, data_dir, reference):
     workdir = copy_of(reference, tmp_path)
     for step in saved_steps(workdir):
-        truncate(largest_file(workdir / "checkpoints" / str(step)))
+        step_dir = workdir / "checkpoints" / str(step)
+        for bad_file in data_files(step_dir):
+            truncate(step_dir / bad_file)
     with pytest.raises(checkpoint.NoReadableCheckpoint, match=re.escape(str(workdir))) as error:
         train_run(workdir, data_dir, **RUN)
     assert all(f"step {s}:" in str(error.value) for s in (6, 9, 12))
