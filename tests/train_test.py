@@ -17,6 +17,7 @@ from _helpers import main_command  # noqa: F401  (multihost_test imports it from
 
 from emonet_jax import checkpoint, optim, sharding, train, tree
 from emonet_jax.data import pipeline
+from emonet_jax.models import emonet
 
 
 def one_step(data_dir, num_devices=8, steps=1, **overrides):
@@ -85,6 +86,22 @@ def test_frozen_parameters_get_exactly_zero_gradients():
     grads = jax.grad(lambda p: sum(jnp.sum(x ** 2) for x in jax.tree.leaves(optim.stop_frozen_gradients(config, p))))(params)
     np.testing.assert_array_equal(grads["img"]["w"], [0.0, 0.0])
     np.testing.assert_array_equal(grads["emotion_head"]["kernel"], [10.0, 10.0])
+
+
+def test_a_frozen_towers_backward_is_not_compiled():
+    def gradient_flops(freeze):
+        config = tiny_config(**{"optimizer.freeze": freeze})
+        model = emonet.build(config)
+        images = jnp.zeros((16, 32, 32, 3))
+        params = model.init(jax.random.key(0), images)["params"]
+
+        def loss(p):
+            p = optim.stop_frozen_gradients(config.optimizer, p)
+            return jnp.sum(model.apply({"params": p}, images)["logits"] ** 2)
+        return jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()["flops"]
+
+    # Measured: 42.1 MFLOP with the whole model trained, 15.4 M with img/ frozen (its forward).
+    assert gradient_flops(("img/.*",)) < 0.5 * gradient_flops(())
 
 
 def test_layer_decay_scales_blocks_by_depth():
