@@ -4,9 +4,10 @@
     # Start from a pre-trained run instead of from scratch:
     python -m emonet_jax.main --config=configs/hq.py --workdir=workdirs/hq \
         --config.init_from=workdirs/big
-    # Synthetic EmoNet-Face, a tiny ViT and 48 px images, for a laptop CPU (`make demo`):
+    # Synthetic EmoNet-Face at 48 px on a laptop CPU (`make demo`): heads on a frozen tiny ViT
+    # pre-trained on other synthetic faces (common.demo_recipe), as EmpathicInsight-Face on SigLIP2:
     python -m emonet_jax.main --config=configs/hq.py:demo --workdir=workdirs/demo
-    # The same data with the whole (tiny) ViT trained from scratch, no pre-trained tower:
+    # A smaller synthetic set with the whole tiny ViT trained from scratch (the trainer tests' config):
     python -m emonet_jax.main --config=configs/hq.py:demo_scratch --workdir=workdirs/demo_scratch
 
 Real records are prepared once with `python -m emonet_jax.data.prepare --dataset=hq|binary|big`
