@@ -43,7 +43,7 @@ HELD_OUT = 1_000
 
 
 def render(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [n, size, size, 3], clipped facial parameters [n, 18]) of one chunk.
+    """(images uint8 [n, size, size, 3], facial parameters [n, 18]) of one chunk.
 
     Drawn like the demo's records: a PNG at the synthetic data's original size, then the
     builders' own resize and JPEG encoding (`sources.encode_image`) to the record size.
@@ -53,7 +53,7 @@ def render(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     for image in synthetic.images(count, PRETRAIN_SEED, prepare.SyntheticSpec.image_size, id_offset=start):
         record = sources.encode_image(image.png, size)
         images.append(np.asarray(Image.open(io.BytesIO(record)).convert("RGB")))
-        params.append(np.clip(image.params, -faces.PARAM_LIMIT, faces.PARAM_LIMIT))
+        params.append(image.params)  # faces.expression_params already clipped them to PARAM_LIMIT
     return np.stack(images), np.stack(params).astype(np.float32)
 
 
