@@ -52,6 +52,7 @@ def base() -> ml_collections.ConfigDict:
     c.input.flip = True
     c.input.num_workers = 0           # grain worker processes (0: threads in-process)
     c.input.threads = 8
+    c.input.in_memory = False         # decode each row once and keep it in host memory (small splits)
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "B/16"          # Ti|S|M|B|L|So400m / patch
@@ -97,6 +98,7 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.num_big = 1200
     c.input.image_size = 48
     c.input.threads = 2
+    c.input.in_memory = True          # a few thousand 64 px rows: decoding them at each read bounds the step rate
     # The synthetic faces draw some cues on one side (a one-sided lip corner means contempt,
     # its mirror image doubt), so a horizontal flip would change the label.
     c.input.flip = False

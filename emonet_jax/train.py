@@ -75,7 +75,8 @@ def train_input(config, data_dir, process_index=None, process_count=None) -> pip
     streams = {}
     for i, key in enumerate(sizes):
         name, split = key.split(":", 1)  # a split may be a slice, "train[:10%]"
-        source = pipeline.open_split(f"{name}/{config.data.resolution}", split, data_dir)
+        source = pipeline.open_split(f"{name}/{config.data.resolution}", split, data_dir,
+                                     in_memory=config.input.in_memory)
         # Distinct seeds per source: two sources of equal size must not shuffle alike.
         streams[key] = pipeline.train_stream(source, image_size=config.input.image_size,
                                              seed=config.seed + 1000 * i, augment=augment)

@@ -146,3 +146,24 @@ def test_bad_batch_size_for_process_count_is_an_error(synthetic_records):
     with pytest.raises(ValueError, match="not divisible by 3 processes"):
         pipeline.train_dataset(_source(synthetic_records, "big", "train"), global_batch_size=8,
                                image_size=40, seed=0, process_index=0, process_count=3)
+
+
+def test_decoded_in_memory_gives_the_records_batches_and_keeps_rows_unchanged(synthetic_records):
+    records = _source(synthetic_records, "big", "train")
+    held = pipeline.open_split("emonet_face_big/64", "train", synthetic_records["data_dir"], in_memory=True)
+    assert len(held) == len(records)
+    for want, got in zip(_take(_train(records), 3), _take(_train(held), 3)):
+        assert want.keys() == got.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    row = held[0]
+    with pytest.raises(ValueError, match="read-only"):
+        row["soft_label"][0, 0] = 1.0  # a transform writing into its input would change every later epoch
+    np.testing.assert_array_equal(held[0]["soft_label"], records[0]["soft_label"])
+
+
+def test_decoded_in_memory_refuses_a_split_larger_than_its_budget(synthetic_records):
+    records = _source(synthetic_records, "big", "train")
+    assert len(records) == 47
+    with pytest.raises(ValueError, match=r"emonet_face_big train: 47 decoded rows would take about [\d.]+ MiB .* input\.in_memory=False"):
+        pipeline.DecodedInMemory(records, "emonet_face_big train", max_bytes=1000)

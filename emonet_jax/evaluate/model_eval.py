@@ -51,7 +51,8 @@ class HQEvaluator:
     def __init__(self, config, data_dir, trainer):
         self.config = config
         name, split = config.data.eval
-        self.source = pipeline.open_split(f"{name}/{config.data.resolution}", split, data_dir)
+        self.source = pipeline.open_split(f"{name}/{config.data.resolution}", split, data_dir,
+                                          in_memory=config.input.in_memory)
         self.batch_sharding = trainer.batch_sharding
         self._experts = None
         model = trainer.model
