@@ -16,8 +16,11 @@ this module computes them once, so the heads train on a cache instead of the ima
 
 `--backbone` is anything `models.pretrained.load` reads (a big_vision .npz, a Hugging Face
 folder or .safetensors file). Preprocessing is SigLIP's: the whole image (no crop), RGB,
-resized bilinearly to the checkpoint's resolution (`pipeline.resize`), values in [-1, 1]
-(`pipeline.to_unit_range`). The resolution is the Hugging Face config's `image_size` when it
+resized to the checkpoint's resolution (`pipeline.resize`), values in [-1, 1]
+(`pipeline.to_unit_range`). The resize filter is the one a Hugging Face folder's
+`preprocessor_config.json` names (`resample`; SigLIP's say bicubic, some SigLIP2 ones
+bilinear), applied with PIL as `transformers`' (slow) SiglipImageProcessor applies it;
+bilinear (big_vision's) without such a file or key; `--resample` overrides it. The resolution is the Hugging Face config's `image_size` when it
 fits the position grid (So400m/14 at 384 px: a 27x27 grid that a VALID patch conv reads from
 384 px images), else grid x patch; `--image_size` overrides it (and resizes the position
 embedding).
@@ -71,8 +74,11 @@ FORMAT = 1
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # meta.json keys that must agree before a cache is extended ('backbone' and 'data_dir' are
 # where things were, which may move; the fingerprint says whether the weights are the same).
-MATCHING_KEYS = ("format", "backbone_config", "backbone_fingerprint", "image_size", "dim", "dtype", "split",
-                 "num_rows", "shard_size", "num_shards", "fields")
+MATCHING_KEYS = ("format", "backbone_config", "backbone_fingerprint", "image_size", "resample", "dim", "dtype",
+                 "split", "num_rows", "shard_size", "num_shards", "fields")
+DEFAULT_RESAMPLE = "bilinear"  # big_vision's; also what caches written before `resample` was recorded used
+# A preprocessor_config.json's `resample` code (PIL's numbering) -> pipeline.RESAMPLE name.
+HF_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 ROW_KEYS = ("embeddings", "row", "image_id")
 
 
@@ -93,7 +99,7 @@ class Embedder:
     """
 
     def __init__(self, backbone: pretrained.Tower | str | os.PathLike, batch_size: int = 64, *,
-                 image_size: int | None = None, dtype: str = "float32",
+                 image_size: int | None = None, dtype: str = "float32", resample: str | None = None,
                  devices: Sequence[jax.Device] | None = None):
         if dtype not in DTYPES:
             raise EmbedError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
@@ -111,6 +117,9 @@ class Embedder:
             raise EmbedError(f"{self.tower.path}: image_size {self.image_size} does not fit the tower's "
                              f"{self.tower.image_size} px position grid; load it with "
                              f"pretrained.load(path, image_size={self.image_size})")
+        if resample is not None and resample not in pipeline.RESAMPLE:
+            raise EmbedError(f"resample {resample!r}: expected one of {sorted(pipeline.RESAMPLE)}")
+        self.resample = resample or checkpoint_resample(self.tower)
         self.dtype = dtype
         self.dim = int(self.tower.config["width"])
         devices = list(jax.devices() if devices is None else devices)
@@ -140,8 +149,8 @@ class Embedder:
     def describe(self) -> dict[str, Any]:
         """What decides the embeddings: the cache's backbone keys."""
         return {"backbone": str(pathlib.Path(self.tower.path).resolve()), "backbone_config": self.tower.config,
-                "backbone_fingerprint": self.fingerprint, "image_size": self.image_size, "dim": self.dim,
-                "dtype": self.dtype}
+                "backbone_fingerprint": self.fingerprint, "image_size": self.image_size,
+                "resample": self.resample, "dim": self.dim, "dtype": self.dtype}
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> float32 [N, dim]; images not at `image_size` are resized first."""
@@ -184,8 +193,12 @@ class Embedder:
         if len(images) > self.batch_size:
             raise EmbedError(f"a batch of {len(images)} images is larger than the batch size {self.batch_size}")
         if images.shape[1:3] != (self.image_size, self.image_size):
-            images = np.stack([pipeline.resize(im, self.image_size) for im in images])
+            images = np.stack([self.resize(im) for im in images])
         return images
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] -> [image_size, image_size, 3], the checkpoint's preprocessing."""
+        return pipeline.resize(image, self.image_size, resample=self.resample)
 
 
 def checkpoint_resolution(tower: pretrained.Tower) -> int:
@@ -202,6 +215,33 @@ def checkpoint_resolution(tower: pretrained.Tower) -> int:
         if size and int(size) // tower.config["patch_size"] * tower.config["patch_size"] == height:
             return int(size)
     return height
+
+
+def checkpoint_resample(tower: pretrained.Tower) -> str:
+    """The resize filter of a Hugging Face folder's preprocessor_config.json, else bilinear.
+
+    The rest of that file must describe SigLIP's [-1, 1] input (mean 0.5, std 0.5, x / 255), the
+    one thing `to_unit_range` computes; another normalisation is an error naming the file.
+    """
+    if tower.source != "huggingface":
+        return DEFAULT_RESAMPLE
+    folder = pathlib.Path(tower.path)
+    path = (folder if folder.is_dir() else folder.parent) / "preprocessor_config.json"
+    if not path.exists():
+        return DEFAULT_RESAMPLE
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EmbedError(f"{path}: not JSON ({e})") from e
+    for key, want in (("image_mean", [0.5] * 3), ("image_std", [0.5] * 3), ("rescale_factor", 1 / 255)):
+        if key in config and not np.allclose(config[key], want, rtol=1e-6):
+            raise EmbedError(f"{path}: {key} {config[key]} is not SigLIP's {want}; embed feeds the tower "
+                             "x / 127.5 - 1")
+    if "resample" not in config:
+        return DEFAULT_RESAMPLE
+    if config["resample"] not in HF_RESAMPLE:
+        raise EmbedError(f"{path}: resample {config['resample']!r} is not one of PIL's filters {HF_RESAMPLE}")
+    return HF_RESAMPLE[config["resample"]]
 
 
 def params_fingerprint(params: Any) -> str:
@@ -276,7 +316,7 @@ def embed_folder(embedder: Embedder, images_dir, out, *, threads: int = 8) -> di
         raise EmbedError(f"--images {root}: no file found")
 
     def read(indices):
-        images, kept, errors = inference.read_images([files[i] for i in indices], embedder.image_size)
+        images, kept, errors = inference.read_images([files[i] for i in indices], embedder.image_size, embedder.resample)
         return images, (indices[kept], sorted(set(indices) - set(indices[kept])), errors)
 
     paths, embeddings, skipped = [], [], []
@@ -294,7 +334,7 @@ def embed_folder(embedder: Embedder, images_dir, out, *, threads: int = 8) -> di
     out.parent.mkdir(parents=True, exist_ok=True)
     _save_npz(out, {"paths": np.asarray(paths, dtype=str), "embeddings": np.concatenate(embeddings),
                     "skipped": np.asarray(skipped, dtype=str), "backbone": np.asarray(embedder.describe()["backbone"]),
-                    "image_size": np.asarray(embedder.image_size)})
+                    "image_size": np.asarray(embedder.image_size), "resample": np.asarray(embedder.resample)})
     return {"out": str(out), "embedded": len(paths), "skipped": skipped}
 
 
@@ -409,7 +449,7 @@ def _start_or_match(cache_dir: pathlib.Path, meta: dict[str, Any]) -> None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _save_json(cache_dir / "meta.json", meta)
         return
-    old = cache_meta(cache_dir)
+    old = {"resample": DEFAULT_RESAMPLE, **cache_meta(cache_dir)}  # older caches did not record it
     differ = [k for k in MATCHING_KEYS if old.get(k) != meta[k]]
     if differ:
         lines = "\n".join(f"  {k}: cache {old.get(k)!r}, this run {meta[k]!r}" for k in differ)
@@ -445,7 +485,7 @@ def _embed_rows(embedder: Embedder, source, meta: dict[str, Any], index: int, ba
 
     def read(positions):
         records = [source[rows.start + int(p)] for p in positions]
-        images = np.stack([pipeline.resize(r["image"], embedder.image_size) for r in records])
+        images = np.stack([embedder.resize(r["image"]) for r in records])
         labels = {k: np.stack([np.asarray(r[k]) for r in records]) for k in meta["fields"]}
         labels["image_id"] = np.asarray([pipeline.as_text(r["image_id"]) for r in records], dtype=str)
         labels["row"] = rows.start + np.asarray(positions, np.int64)
@@ -477,6 +517,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=None,
                    help="resize images to this (default: the checkpoint's resolution)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype of the tower")
+    p.add_argument("--resample", default=None, choices=sorted(pipeline.RESAMPLE),
+                   help="resize filter (default: the Hugging Face preprocessor_config.json's, else bilinear)")
     p.add_argument("--threads", type=int, default=8, help="threads reading and resizing images")
     return p
 
@@ -487,8 +529,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.split is not None and args.data_dir is None:
         parser.error("--split needs --data_dir")
     try:
-        embedder = Embedder(args.backbone, args.batch, image_size=args.image_size, dtype=args.dtype)
-        print(f"{args.backbone}: {embedder.dim}-d embeddings of {embedder.image_size} px images, "
+        embedder = Embedder(args.backbone, args.batch, image_size=args.image_size, dtype=args.dtype,
+                            resample=args.resample)
+        print(f"{args.backbone}: {embedder.dim}-d embeddings of {embedder.image_size} px images "
+              f"({embedder.resample} resize), "
               f"{embedder.batch_size} per step on {len(jax.devices())} {jax.devices()[0].platform} device(s)",
               file=sys.stderr)
         if args.images is not None:

@@ -63,7 +63,7 @@ class Run:
         return {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in ("intensity", "presence")}
 
 
-def read_images(paths: Sequence, size: int) -> tuple[np.ndarray, list[int], list[str]]:
+def read_images(paths: Sequence, size: int, resample: str = "bilinear") -> tuple[np.ndarray, list[int], list[str]]:
     """(uint8 [n, size, size, 3] of the readable files, their indices in `paths`, errors).
 
     An unreadable or non-image file (text, empty, truncated, a decompression bomb) becomes one
@@ -73,7 +73,7 @@ def read_images(paths: Sequence, size: int) -> tuple[np.ndarray, list[int], list
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as im:
-                images.append(pipeline.resize(np.asarray(im.convert("RGB")), size))
+                images.append(pipeline.resize(np.asarray(im.convert("RGB")), size, resample=resample))
             kept.append(i)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             errors.append(f"{path}: cannot read image ({e})")

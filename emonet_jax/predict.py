@@ -100,6 +100,8 @@ class WorkdirModel:
     def image_size(self) -> int:
         return self.run.image_size
 
+    resample = "bilinear"  # the trainer's input pipeline (pipeline.resize)
+
     def scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
         out = self.run.predict(images, self.batch_size)
         return {"raw": out["intensity"], "intensity": out["intensity"], "presence": out["presence"]}
@@ -135,13 +137,18 @@ class HeadsModel:
             raise PredictError(f"backbone {path} (from {named_by}) not found: pass --backbone=PATH to the "
                                f"weights the heads were trained on (fingerprint {named.get('backbone_fingerprint')})")
         embedder = embed.Embedder(path, batch_size, image_size=card["preprocessing"].get("image_size"),
-                                  dtype=named.get("dtype") or "float32")
+                                  dtype=named.get("dtype") or "float32",
+                                  resample=card["preprocessing"].get("resize", embed.DEFAULT_RESAMPLE))
         check_backbone(embedder, card, export_dir)
         return cls(params, card, embedder, export_dir)
 
     @property
     def image_size(self) -> int:
         return self.embedder.image_size
+
+    @property
+    def resample(self) -> str:
+        return self.embedder.resample
 
     @property
     def batch_size(self) -> int:  # rounded up to a multiple of the device count
@@ -351,7 +358,7 @@ def predict_files(model, inputs: Sequence, out, *, top_k: int = 3, rank_by: str 
 
     def read(indices):
         indices = [int(i) for i in indices]
-        images, kept, errors = inference.read_images([todo[i] for i in indices], model.image_size)
+        images, kept, errors = inference.read_images([todo[i] for i in indices], model.image_size, model.resample)
         return images, ([indices[k] for k in kept], indices, errors)
 
     errors = sum("error" in line for line in previous)

@@ -2,6 +2,7 @@
 equal to applying the tower directly; resume, refusal of another job's cache, the CLI."""
 
 import functools
+import json
 import os
 import pathlib
 import subprocess
@@ -129,6 +130,50 @@ def test_resolution_comes_from_the_huggingface_config_when_it_fits_the_grid(tmp_
     assert tower.image_size == (32, 32) and embed.checkpoint_resolution(tower) == 36
 
 
+def _hf_folder(tmp_path, preprocessor: dict | None) -> pathlib.Path:
+    """The fixture tower as a Hugging Face folder, with this preprocessor_config.json (or none)."""
+    folder = tmp_path / "hf"
+    folder.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json"):
+        (folder / name).symlink_to(BACKBONE / name)
+    if preprocessor is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return folder
+
+
+SIGLIP_PREPROCESSOR = {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "resample": 3,
+                       "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                       "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                       "size": {"height": 32, "width": 32}}
+
+
+def test_the_resize_filter_is_the_preprocessor_configs(tmp_path, tower):
+    """SigLIP's preprocessor_config.json says resample 3 (PIL bicubic): embed resizes with it,
+    which is not what a bilinear resize gives; without the file, bilinear."""
+    images = np.load(FIXTURES / "images.npz")["48"]
+    bicubic = embed.Embedder(_hf_folder(tmp_path, SIGLIP_PREPROCESSOR), batch_size=8)
+    assert bicubic.resample == "bicubic" and bicubic.describe()["resample"] == "bicubic"
+    x = np.stack([pipeline.to_unit_range(np.asarray(Image.fromarray(im).resize((32, 32), Image.BICUBIC)))
+                  for im in images])
+    want = np.asarray(apply(tower.module(), tower.params, x)[0])
+    got = bicubic.embed(images)
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    assert np.abs(got - direct(tower, images)).max() > 100 * TOL  # the filter matters
+    assert embed.Embedder(BACKBONE, batch_size=8).resample == "bilinear"  # the fixture has no such file
+    assert embed.Embedder(_hf_folder(tmp_path / "o", SIGLIP_PREPROCESSOR), batch_size=8,
+                          resample="bilinear").resample == "bilinear"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"image_mean": [0.485, 0.456, 0.406]}, r"image_mean \[0.485, 0.456, 0.406\] is not SigLIP's"),
+    ({"resample": 7}, "resample 7 is not one of PIL's filters"),
+])
+def test_a_preprocessor_config_embed_cannot_follow_is_an_error(tmp_path, change, message):
+    folder = _hf_folder(tmp_path, {**SIGLIP_PREPROCESSOR, **change})
+    with pytest.raises(embed.EmbedError, match=f"{folder / 'preprocessor_config.json'}: {message}"):
+        embed.Embedder(folder, batch_size=8)
+
+
 # --- a split into the sharded cache -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -190,6 +235,12 @@ def test_resume_rewrites_only_the_missing_shard(tmp_path, data_dir, embedder):
     # nothing left to do: nothing written
     assert embed.embed_split(embedder, SPLIT, data_dir, cache, shard_size=16)["shards_written"] == []
     assert mtimes(cache) == after
+
+    # a cache written before meta.json recorded the resize filter was resized bilinearly: it matches
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta.pop("resample") == "bilinear"
+    (cache / "meta.json").write_text(json.dumps(meta))
+    assert embed.embed_split(embedder, SPLIT, data_dir, cache, shard_size=16)["shards_written"] == []
 
 
 def test_a_corrupt_shard_is_named_and_rewritten(tmp_path, data_dir, embedder):

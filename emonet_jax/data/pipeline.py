@@ -125,9 +125,16 @@ def to_unit_range(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32) * (2 / 255) - 1
 
 
-def resize(image: np.ndarray, size: int, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """uint8 [H, W, 3] -> [size, size, 3], bilinear, from `box` (left, top, right, bottom) or the whole image."""
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box))
+# PIL's filters by name; their codes are what Hugging Face preprocessor configs call `resample`.
+RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+            "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def resize(image: np.ndarray, size: int, box: tuple[int, int, int, int] | None = None,
+           resample: str = "bilinear") -> np.ndarray:
+    """uint8 [H, W, 3] -> [size, size, 3] with PIL's `resample` filter, from `box` (left, top,
+    right, bottom) or the whole image."""
+    return np.asarray(Image.fromarray(image).resize((size, size), RESAMPLE[resample], box=box))
 
 
 def random_resized_crop_box(height: int, width: int, rng: np.random.Generator, augment: Augment):

@@ -45,7 +45,7 @@ module's layout). `card.json` (`make_card`) holds everything needed to use them:
     backbone          the SigLIP tower whose pooled embedding is the input: backbone (its path at
                       training time), backbone_config (ViT settings), backbone_fingerprint
                       (embed.params_fingerprint), dtype (the tower's compute dtype)
-    preprocessing     image_size, whole image (no crop), bilinear resize, RGB, value_range [-1, 1]
+    preprocessing     image_size, whole image (no crop), resize filter (PIL), RGB, value_range [-1, 1]
     mean_subtraction  means (40 floats), source (what they are the mean of), rule
     training          per stage: split, epochs, target; seed; compute_dtype
 
@@ -253,7 +253,8 @@ def make_card(*, variant: str, hidden: Sequence[int], dim: int, dropout: float, 
                          "output": "raw 0-7 intensity per emotion (not clipped)"},
         "backbone": {k: cache_meta.get(k) for k in ("backbone", "backbone_config", "backbone_fingerprint", "dtype")},
         "preprocessing": {"image_size": cache_meta.get("image_size"), "crop": "none (the whole image)",
-                          "resize": "bilinear", "channels": "RGB", "value_range": [-1.0, 1.0],
+                          "resize": cache_meta.get("resample", "bilinear"), "channels": "RGB",
+                          "value_range": [-1.0, 1.0],
                           "embedding": "the tower's pooled output (MAP head), float32"},
         "mean_subtraction": {"means": [float(m) for m in means], "source": means_source,
                              "rule": "mean_subtracted = raw - means[emotion]"},
