@@ -64,6 +64,17 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path, kind, schema):
     assert ta["latent"].min() >= 0 and ta["latent"].max() <= labels.MAX_INTENSITY
 
 
+def test_shards_drawn_by_worker_processes_are_the_same_bytes(tmp_path):
+    """Binary (its votes go to binary.csv too), 3 shards, the last one short."""
+    for name, workers in (("one", 1), ("two", 2)):
+        synthetic.write_split(tmp_path / name, "binary", 10, seed=5, size=SIZE, schema="card", rows_per_shard=4,
+                              workers=workers)
+    one, two = files_of(tmp_path / "one"), files_of(tmp_path / "two")
+    assert set(one) == {"binary-00000.parquet", "binary-00001.parquet", "binary-00002.parquet", "truth.npz",
+                        "binary.csv"}
+    assert one == two
+
+
 def test_write_split_rejects_unknown_layout(tmp_path):
     with pytest.raises(ValueError, match="path_emotion"):
         synthetic.write_split(tmp_path, "hq", 2, size=SIZE, schema="path_emotion")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import time
 
@@ -51,8 +52,12 @@ class SyntheticSpec:
     generator: int = synthetic.GENERATOR_VERSION
 
 
-def prepare_synthetic(data_dir, resolution: int, spec: SyntheticSpec = SyntheticSpec()) -> dict:
+def prepare_synthetic(data_dir, resolution: int, spec: SyntheticSpec = SyntheticSpec(),
+                      workers: int | None = None) -> dict:
     """Generates the synthetic parquet (once per spec) and builds the three datasets.
+
+    The faces are drawn by `workers` processes (default: one per CPU); the files do not depend
+    on how many.
 
     The raw parquet lives under `data_dir/raw/<spec hash>/`; the records under
     `data_dir/<spec hash>/` so that a different spec never reads stale records.
@@ -66,7 +71,7 @@ def prepare_synthetic(data_dir, resolution: int, spec: SyntheticSpec = Synthetic
         raw = root / "raw" / key / kind
         if not (raw / "truth.npz").exists():
             synthetic.write_split(raw, kind, getattr(spec, f"num_{kind}"), seed=spec.seed,
-                                  size=spec.image_size, schema=schema)
+                                  size=spec.image_size, schema=schema, workers=workers or os.cpu_count() or 1)
         builder = build(kind, root / key, resolution, manual_dir=raw)
         summary[kind] = describe(builder) | {"seconds": round(time.time() - start, 2), "raw": str(raw)}
     return summary

@@ -29,6 +29,7 @@ import csv
 import dataclasses
 import io
 import json
+import multiprocessing
 import pathlib
 from collections.abc import Iterator
 
@@ -265,43 +266,56 @@ def _row(kind: str, schema: sources.Schema, image: Image, experts: Raters, vlm: 
 
 
 def write_split(out_dir, kind: str, num: int, *, seed: int = 0, size: int = 128,
-                schema: str = "card", rows_per_shard: int = 256) -> dict:
+                schema: str = "card", rows_per_shard: int = 256, workers: int = 1) -> dict:
     """Writes `num` synthetic rows of `kind` as parquet shards in `out_dir`.
 
     Also writes `truth.npz` (image ids and latent intensities, for checking models) and,
     for Binary, `binary.csv` in the published layout (with 'Hopelessness' for
     Helplessness, as published). Returns a summary.
+
+    Every row is a function of (seed, its index) alone, so the shards can be drawn by `workers`
+    processes and the files are the same bytes for any number of them.
     """
     layout = {s.name: s for s in sources.SCHEMAS[kind]}.get(schema)
     if layout is None:
         raise ValueError(f"{kind} has no {schema!r} layout; choose one of {[s.name for s in sources.SCHEMAS[kind]]}")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    experts = Raters(EXPERT, EXPERT_NAMES, seed)
-    vlm = Raters(VLM, ("vlm",), seed + 1)
-    ids, latents, votes, shard, rows = [], [], [], 0, []
-    kind_seed = seed * 1000 + ("hq", "binary", "big").index(kind)
-
-    def flush():
-        nonlocal shard, rows
-        if rows:
-            pq.write_table(_table(kind, layout, rows), out / f"{kind}-{shard:05d}.parquet")
-            shard, rows = shard + 1, []
-
-    for image in images(num, kind_seed, size):
-        row = _row(kind, layout, image, experts, vlm, kind_seed)
-        ids.append(image.image_id)
-        latents.append(image.latent)
-        votes += [(image.image_id, a, v, e) for a, e, v in row.get("votes", ())]
-        rows.append(row)
-        if len(rows) == rows_per_shard:
-            flush()
-    flush()
+    jobs = [(out, kind, schema, seed, size, shard, start, min(rows_per_shard, num - start))
+            for shard, start in enumerate(range(0, num, rows_per_shard))]
+    if workers > 1 and len(jobs) > 1:
+        # spawn, not fork: the caller may already run JAX's threads, which a fork would copy mid-flight.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(min(workers, len(jobs))) as pool:
+            shards = pool.map(_write_shard, jobs)
+    else:
+        shards = [_write_shard(job) for job in jobs]
+    ids = [i for shard in shards for i in shard["ids"]]
+    latents = [x for shard in shards for x in shard["latents"]]
     np.savez(out / "truth.npz", image_id=np.array(ids), latent=np.array(latents, np.float32))
     if kind == "binary":
         with open(out / "binary.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(labels_lib.BINARY_CSV_COLUMNS)
-            for image_id, annotator, value, emotion in votes:
+            for image_id, annotator, value, emotion in (v for shard in shards for v in shard["votes"]):
                 writer.writerow([image_id, annotator, value, "Hopelessness" if emotion == "Helplessness" else emotion])
-    return {"kind": kind, "schema": schema, "rows": num, "shards": shard, "dir": str(out)}
+    return {"kind": kind, "schema": schema, "rows": num, "shards": len(jobs), "dir": str(out)}
+
+
+def _write_shard(job) -> dict[str, list]:
+    """Draws rows start ... start + count - 1 of a split into its shard file; returns their ids,
+    latents and (Binary) votes for the split-wide files."""
+    out, kind, schema, seed, size, shard, start, count = job
+    layout = {s.name: s for s in sources.SCHEMAS[kind]}[schema]
+    experts = Raters(EXPERT, EXPERT_NAMES, seed)
+    vlm = Raters(VLM, ("vlm",), seed + 1)
+    kind_seed = seed * 1000 + ("hq", "binary", "big").index(kind)
+    rows, ids, latents, votes = [], [], [], []
+    for image in images(count, kind_seed, size, id_offset=start):
+        row = _row(kind, layout, image, experts, vlm, kind_seed)
+        ids.append(image.image_id)
+        latents.append(image.latent)
+        votes += [(image.image_id, a, v, e) for a, e, v in row.get("votes", ())]
+        rows.append(row)
+    pq.write_table(_table(kind, layout, rows), out / f"{kind}-{shard:05d}.parquet")
+    return {"ids": ids, "latents": latents, "votes": votes}
