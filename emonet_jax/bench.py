@@ -15,6 +15,8 @@ values in [-1, 1]) reading prepared 224 px records, against the same pipeline de
 1024x1024 PNG originals (what training straight from the Hugging Face parquet would do).
 Both run through identical grain code with the same threads; the originals are synthetic
 faces rendered at 1024 px, PNG-encoded like the real ones.
+Also the same records decoded once and held in memory (`input.in_memory`,
+`pipeline.DecodedInMemory`): `in_memory_images_per_s`.
 
 `agreement`: seconds for the whole HQ agreement evaluation (a subprocess running
 `python -m emonet_jax.evaluate.agreement` with every output: JSON, tables, CSV, figures; the
@@ -156,14 +158,19 @@ def bench_pipeline() -> dict:
     records = pipeline.open_split(f"emonet_face_hq/{FLAGS.image_size}", "test", summary["data_dir"])
     prepared = pipeline.train_dataset(records, global_batch_size=FLAGS.batch, image_size=FLAGS.image_size,
                                       seed=0, process_index=0, process_count=1, threads=FLAGS.threads)
+    held = pipeline.train_dataset(pipeline.DecodedInMemory(records, "emonet_face_hq test"),
+                                  global_batch_size=FLAGS.batch, image_size=FLAGS.image_size, seed=0,
+                                  process_index=0, process_count=1, threads=FLAGS.threads)
     originals = PngSource(sorted(pathlib.Path(summary["hq"]["raw"]).glob("*.parquet")))
     decode = _augment_only(originals, FLAGS.image_size, 0, FLAGS.batch, FLAGS.threads)
     records_rate = _rate(prepared, FLAGS.steps, FLAGS.batch)
     png_rate = _rate(decode, FLAGS.steps, FLAGS.batch)
+    in_memory_rate = _rate(held, FLAGS.steps, FLAGS.batch)
     return {"benchmark": "pipeline", "image_size": FLAGS.image_size, "original_size": 1024,
             "images": FLAGS.images, "batch": FLAGS.batch, "steps": FLAGS.steps, "threads": FLAGS.threads,
             "cpus": os.cpu_count(), "records_images_per_s": round(records_rate, 1),
-            "original_png_images_per_s": round(png_rate, 1), "speedup": round(records_rate / png_rate, 2)}
+            "original_png_images_per_s": round(png_rate, 1), "speedup": round(records_rate / png_rate, 2),
+            "in_memory_images_per_s": round(in_memory_rate, 1)}
 
 
 def reference_mean_kappas(csv_path, rescale=("Hume Face*",)) -> dict[str, float]:

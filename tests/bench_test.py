@@ -1,4 +1,4 @@
-"""The compute benchmarks (`bench peak|train_step|prepare|image_bytes`, emonet_jax/perf.py) at tiny sizes."""
+"""The compute benchmarks (`bench pipeline|peak|train_step|prepare|image_bytes`, emonet_jax/perf.py) at tiny sizes."""
 
 import importlib.util
 import io
@@ -70,6 +70,15 @@ def test_train_step_reports_speed_flops_and_the_floor():
     assert result["floor_step_s"] < result["median_step_s"]
     assert 0 < result["fraction_of_peak"] < 1
     assert "datasheet_peak_flops_per_s" not in result                    # unknown for a CPU
+
+
+def test_pipeline_reports_the_rate_of_records_originals_and_rows_held_in_memory(tmp_path):
+    with flagsaver.as_parsed(images="4", image_size="64", batch="2", steps="3", threads="1", cache=str(tmp_path)):
+        result = bench.bench_pipeline()
+    assert result["images"] == 4 and result["batch"] == 2 and result["steps"] == 3
+    rates = [result[k] for k in ("records_images_per_s", "original_png_images_per_s", "in_memory_images_per_s")]
+    assert all(r > 0 for r in rates)
+    assert result["speedup"] == pytest.approx(rates[0] / rates[1], rel=0.01)
 
 
 def test_prepare_reports_images_per_second_and_the_builds_peak_rss(tmp_path):
