@@ -156,11 +156,13 @@ def bench_pipeline() -> dict:
                                  schemas=(("hq", "card"),))
     summary = prepare.prepare_synthetic(root, FLAGS.image_size, spec)
     records = pipeline.open_split(f"emonet_face_hq/{FLAGS.image_size}", "test", summary["data_dir"])
-    prepared = pipeline.train_dataset(records, global_batch_size=FLAGS.batch, image_size=FLAGS.image_size,
+
+    def training(source):
+        return pipeline.train_dataset(source, global_batch_size=FLAGS.batch, image_size=FLAGS.image_size,
                                       seed=0, process_index=0, process_count=1, threads=FLAGS.threads)
-    held = pipeline.train_dataset(pipeline.DecodedInMemory(records, "emonet_face_hq test"),
-                                  global_batch_size=FLAGS.batch, image_size=FLAGS.image_size, seed=0,
-                                  process_index=0, process_count=1, threads=FLAGS.threads)
+
+    prepared = training(records)
+    held = training(pipeline.DecodedInMemory(records, "emonet_face_hq test"))
     originals = PngSource(sorted(pathlib.Path(summary["hq"]["raw"]).glob("*.parquet")))
     decode = _augment_only(originals, FLAGS.image_size, 0, FLAGS.batch, FLAGS.threads)
     records_rate = _rate(prepared, FLAGS.steps, FLAGS.batch)

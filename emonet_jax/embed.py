@@ -209,8 +209,7 @@ def checkpoint_resolution(tower: pretrained.Tower) -> int:
     if height != width:
         raise EmbedError(f"{tower.path}: the tower covers {height}x{width} px; embed takes square images")
     if tower.source == "huggingface":
-        folder = pathlib.Path(tower.path)
-        config = json.loads(((folder if folder.is_dir() else folder.parent) / "config.json").read_text())
+        config = json.loads((pretrained.huggingface_folder(tower.path) / "config.json").read_text())
         size = (config.get("vision_config") or config).get("image_size")
         if size and int(size) // tower.config["patch_size"] * tower.config["patch_size"] == height:
             return int(size)
@@ -225,8 +224,7 @@ def checkpoint_resample(tower: pretrained.Tower) -> str:
     """
     if tower.source != "huggingface":
         return DEFAULT_RESAMPLE
-    folder = pathlib.Path(tower.path)
-    path = (folder if folder.is_dir() else folder.parent) / "preprocessor_config.json"
+    path = pretrained.huggingface_folder(tower.path) / "preprocessor_config.json"
     if not path.exists():
         return DEFAULT_RESAMPLE
     try:

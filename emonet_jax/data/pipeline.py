@@ -74,16 +74,14 @@ def open_split(name: str, split: str, data_dir, in_memory: bool = False) -> Any:
 
 
 def _nbytes(row: Mapping[str, Any]) -> int:
-    return sum(np.asarray(v).nbytes if not isinstance(v, bytes) else len(v) for v in row.values())
+    return sum(np.asarray(v).nbytes for v in row.values())  # bytes -> a |S array of len(v) bytes
 
 
-def _frozen(row: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in row.items():
+def _frozen(row: dict[str, Any]) -> dict[str, Any]:
+    for value in row.values():
         if isinstance(value, np.ndarray):
             value.setflags(write=False)
-        out[key] = value
-    return out
+    return row
 
 
 class DecodedInMemory:

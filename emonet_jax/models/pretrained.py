@@ -280,8 +280,15 @@ def _infer_big_vision_config(flat: dict[str, np.ndarray], path) -> dict[str, Any
 
 # --- Hugging Face -------------------------------------------------------------------------------
 
+def huggingface_folder(path) -> pathlib.Path:
+    """The folder of a Hugging Face checkpoint given as its folder or one of its .safetensors files
+    (where config.json and preprocessor_config.json are)."""
+    path = pathlib.Path(path)
+    return path if path.is_dir() else path.parent
+
+
 def _read_huggingface(path: pathlib.Path, ignore: Sequence[re.Pattern]):
-    folder = path if path.is_dir() else path.parent
+    folder = huggingface_folder(path)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{folder}: no config.json (a Hugging Face checkpoint is a folder with config.json "
