@@ -3,7 +3,7 @@
     python -m emonet_jax.bench pipeline [--images=64 --batch=32 --steps=20 --threads=2]
     python -m emonet_jax.bench agreement [--hq_images=2500 --hq_models=14 --hq_cli_runs=3]
     python -m emonet_jax.bench heads [--variant=small --examples=20000 --epochs=3 --batch=256
-                                      --reference=.venv-torch/bin/python]
+                                      --reference=.venv-torch/bin/python --heads_repeats=1]
     python -m emonet_jax.bench peak [--dtype=float32 --peak_n=0]
     python -m emonet_jax.bench train_step [--variant=B/16 --res=224 --batch=8 --steps=5 --warmup=1
                                            --dtype=float32 --remat=false --scan=false]
@@ -35,7 +35,9 @@ device) on random 1152-d embeddings with 0-7 targets, every pair labelled, for `
 it. `images_per_s` = examples x epochs / seconds. With `--reference=PYTHON` (a venv with torch,
 `make torch-venv`) it also runs `benchmarks/torch_heads.py` in a subprocess: the same 40
 heads trained one after another in plain PyTorch, same sizes, epochs, batch and threads, and
-reports `speedup` = reference seconds / ours.
+reports `speedup` = reference seconds / ours. With `--heads_repeats=N` ours and the reference
+take turns N times; `seconds` (and the reference's) is the fastest run, `seconds_each` lists
+all, `speedup_each` the ratio of each pair.
 
 `peak`, `train_step`, `prepare` (code in `emonet_jax/perf.py`): the measured peak FLOP/s of
 one device (chained n x n matmuls in JAX); the trainer's own step on random images and labels
@@ -95,6 +97,8 @@ flags.DEFINE_integer("examples", 20_000, "heads: training rows.")
 flags.DEFINE_integer("epochs", 3, "heads: epochs.")
 flags.DEFINE_string("reference", "", "heads: a Python with torch (e.g. .venv-torch/bin/python) to run the "
                     "PyTorch baseline benchmarks/torch_heads.py and report the speedup.")
+flags.DEFINE_integer("heads_repeats", 1, "heads: timed runs of ours (and of the reference, alternating); "
+                     "the fastest of each is reported, every run in `seconds_each`.")
 flags.DEFINE_integer("reference_threads", os.cpu_count(), "heads: torch.set_num_threads of the baseline.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "heads: the products' operand dtype (the config's default: bfloat16).")
@@ -287,37 +291,55 @@ def bench_heads() -> dict:
     data = heads_train.device_data({"x": rng.standard_normal((n, dim), dtype=np.float32),
                                     "target": rng.uniform(0, 7, (n, heads.NUM_HEADS)).astype(np.float32),
                                     "mask": np.ones((n, heads.NUM_HEADS), np.float32)})
-    state = jax.jit(lambda: heads_train.new_state(model, tx, dim, 0))()
+    fresh_state = jax.jit(lambda: heads_train.new_state(model, tx, dim, 0))
     load = os.getloadavg()[0]
     start = time.perf_counter()
     rows, valid = heads_train.epoch_batches(n, batch, 0, 0, 0)[0]
-    step = heads_train.make_train_step(model, tx, "intensity", seed=0).lower(state, data, rows, valid).compile()
+    step = heads_train.make_train_step(model, tx, "intensity", seed=0).lower(fresh_state(), data, rows, valid).compile()
     compile_s = time.perf_counter() - start
-    start, start_cpu = time.perf_counter(), time.process_time()
-    for epoch in range(FLAGS.epochs):
-        for rows, valid in heads_train.epoch_batches(n, batch, 0, 0, epoch):
-            state, metrics = step(state, data, rows, valid)
-    loss = float(metrics["loss"].compute())  # waits for the last step
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-    result = {"benchmark": "heads", "framework": f"jax {jax.__version__}", "device": jax.devices()[0].device_kind,
-              "variant": FLAGS.variant, "hidden": list(model.hidden), "compute_dtype": FLAGS.compute_dtype,
-              "dim": dim, "heads": heads.NUM_HEADS,
-              "examples": n, "epochs": FLAGS.epochs, "batch": batch, "steps": steps, "cpus": os.cpu_count(),
-              "compile_seconds": round(compile_s, 3), "seconds": round(seconds, 3),
-              "cpu_seconds": round(cpu_seconds, 2),
-              "images_per_s": round(n * FLAGS.epochs / seconds, 1), "final_batch_loss": round(loss, 4),
-              "load_avg_1min_at_start": round(load, 2)}
-    if FLAGS.reference:
+
+    def ours() -> dict:
+        state = fresh_state()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        for epoch in range(FLAGS.epochs):
+            for rows, valid in heads_train.epoch_batches(n, batch, 0, 0, epoch):
+                state, metrics = step(state, data, rows, valid)
+        loss = float(metrics["loss"].compute())  # waits for the last step
+        return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - start_cpu, "loss": loss}
+
+    def reference() -> dict:
         script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "torch_heads.py"
         command = [FLAGS.reference, str(script), f"--variant={FLAGS.variant}", f"--examples={n}",
                    f"--epochs={FLAGS.epochs}", f"--batch={batch}", f"--dim={dim}",
                    f"--dropout={config.model.dropout}", f"--lr={stage.lr}", f"--threads={FLAGS.reference_threads}"]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        reference = json.loads(out.strip().splitlines()[-1])
-        result["reference"] = reference
-        result["speedup"] = round(reference["seconds"] / seconds, 2)
+        return json.loads(out.strip().splitlines()[-1])
+
+    # Ours and the reference alternate, so a neighbour's load on the shared machine falls on
+    # both; the fastest run of each is the figure (what the code can do, as timeit reports).
+    runs, references = [], []
+    for _ in range(FLAGS.heads_repeats):
+        runs.append(ours())
+        if FLAGS.reference:
+            references.append(reference())
+    best = min(runs, key=lambda r: r["seconds"])
+    result = {"benchmark": "heads", "framework": f"jax {jax.__version__}", "device": jax.devices()[0].device_kind,
+              "variant": FLAGS.variant, "hidden": list(model.hidden), "compute_dtype": FLAGS.compute_dtype,
+              "dim": dim, "heads": heads.NUM_HEADS,
+              "examples": n, "epochs": FLAGS.epochs, "batch": batch, "steps": steps, "cpus": os.cpu_count(),
+              "compile_seconds": round(compile_s, 3), "seconds": round(best["seconds"], 3),
+              "cpu_seconds": round(best["cpu_seconds"], 2),
+              "images_per_s": round(n * FLAGS.epochs / best["seconds"], 1),
+              "final_batch_loss": round(best["loss"], 4), "load_avg_1min_at_start": round(load, 2),
+              "seconds_each": [round(r["seconds"], 3) for r in runs]}
+    if references:
+        fastest = min(references, key=lambda r: r["seconds"])
+        result["reference"] = {**fastest, "seconds_each": [round(r["seconds"], 2) for r in references]}
+        result["speedup"] = round(fastest["seconds"] / best["seconds"], 2)
         # On a shared machine wall time swings with the neighbours' load; CPU time less so.
-        result["cpu_speedup"] = round(reference["cpu_seconds"] / cpu_seconds, 2)
+        result["cpu_speedup"] = round(min(r["cpu_seconds"] for r in references)
+                                      / min(r["cpu_seconds"] for r in runs), 2)
+        result["speedup_each"] = [round(r["seconds"] / o["seconds"], 2) for o, r in zip(runs, references)]
     return result
 
 

@@ -1,4 +1,4 @@
-"""The compute benchmarks (`bench pipeline|peak|train_step|prepare|image_bytes`, emonet_jax/perf.py) at tiny sizes."""
+"""The compute benchmarks (`bench pipeline|peak|train_step|prepare|image_bytes|heads`, emonet_jax/perf.py) at tiny sizes."""
 
 import importlib.util
 import io
@@ -158,3 +158,20 @@ def test_torch_baseline_prints_our_keys():
     result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     assert SHARED_KEYS <= set(result) and result["batch"] == 2 and len(result["step_s"]) == 2
     assert result["images_per_s"] == pytest.approx(2 / result["median_step_s"])
+
+
+def test_heads_alternates_with_the_reference_and_reports_the_fastest_of_each(tmp_path):
+    # A stand-in for the torch Python: prints a reference result whose time grows each run.
+    count = tmp_path / "count"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho x >> {count}\nn=$(wc -l < {count})\n"
+                    'echo "{\\"seconds\\": $((10 * n)), \\"cpu_seconds\\": $((20 * n))}"\n')
+    fake.chmod(0o755)
+    with flagsaver.as_parsed(examples="512", epochs="1", batch="256", heads_repeats="2", reference=str(fake)):
+        result = bench.bench_heads()
+    assert count.read_text().count("x") == 2 and result["steps"] == 2
+    assert len(result["seconds_each"]) == 2 and result["seconds"] == min(result["seconds_each"])
+    assert result["reference"]["seconds_each"] == [10, 20] and result["reference"]["seconds"] == 10
+    assert result["speedup"] == pytest.approx(10 / result["seconds"], rel=0.01)
+    assert result["speedup_each"] == [pytest.approx(t / s, rel=0.01) for t, s in zip((10, 20), result["seconds_each"])]
+    assert np.isfinite(result["final_batch_loss"])
