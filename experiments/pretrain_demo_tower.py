@@ -95,6 +95,12 @@ def train(args) -> dict:
     tower = ViT.from_variant(args.variant, pool="map", dtype=jnp.dtype(args.compute_dtype))
     model = GeometryReader(tower, params.shape[1])
     variables = model.init(jax.random.key(args.seed), jnp.zeros((1, args.image_size, args.image_size, 3)))
+    init_card = None
+    if args.init:
+        # Continue from an earlier tower (a second cosine cycle); the read-out starts fresh.
+        params, _ = pretrained.init_tower(variables["params"], args.init)
+        variables = {"params": params}
+        init_card = json.loads(pathlib.Path(args.init).with_suffix(".json").read_text())
     schedule = optax.warmup_cosine_decay_schedule(0, args.lr, args.warmup, args.steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=args.weight_decay))
     opt_state = tx.init(variables)
@@ -135,6 +141,7 @@ def train(args) -> dict:
             "held_out_faces": HELD_OUT, "held_out_r2_mean": round(float(r2.mean()), 4),
             "held_out_r2": {n: round(float(v), 3) for n, v in zip(faces.FACIAL_PARAMS, r2)},
             "final_train_loss": round(float(np.mean(recent)), 4),
+            "init": init_card,
             "render_seconds": round(render_seconds), "train_seconds": round(time.time() - train_start),
             "jax": jax.__version__, "backend": jax.default_backend()}
     out.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")
@@ -157,6 +164,8 @@ def main():
     parser.add_argument("--compute_dtype", default="float32")
     parser.add_argument("--cache", default="", help="an .npz that keeps the rendered faces between runs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", default="", help="a tower .npz written by this script (its .json card beside it) "
+                                                    "to continue from; the card is kept in the new one's")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--log_every", type=int, default=500)
     print(json.dumps(train(parser.parse_args())))
