@@ -61,3 +61,6 @@ def test_demo_tower_card_says_how_it_was_made():
     assert card["command"].startswith("python experiments/pretrain_demo_tower.py")
     assert card["args"]["image_size"] == hq.get_config("demo").input.image_size
     assert 0 < card["held_out_r2_mean"] <= 1
+    while card.get("init"):  # continued from an earlier tower: its card, all the way down
+        card = card["init"]
+        assert card["command"].startswith("python experiments/pretrain_demo_tower.py") and card["held_out_r2_mean"] > 0
