@@ -23,7 +23,8 @@ on those HQ-like faces: what a tower that reads the face this well could reach. 
 regresses the parameters from the pixels with the `cnn` tower and reports the held-out R^2 per
 parameter: how well a small tower reads the face when told what to look at.
 
-`spread` stretches a demo run's HQ scores around their mean (session 5):
+`spread` stretches a demo run's HQ scores around their mean (session 5), and also shifts them by
++0.5 so that the paper's truncation rounds them (session 7):
 
     python experiments/demo_probe.py spread --workdir=workdirs/demo --data_dir=workdirs/cache/synthetic/synthetic-<hash>
 
@@ -286,7 +287,8 @@ def params_cnn(args) -> dict:
 
 def spread(args) -> dict:
     """A demo run's HQ scores (eval/hq_predictions.npz) stretched around their mean by each
-    factor: how much of the model's kappa a shrunk readout costs."""
+    factor: how much of the model's kappa a shrunk readout costs; and the same scores shifted
+    by +0.5, so the paper's truncation rounds them: how much the truncation costs."""
     scores = np.load(pathlib.Path(args.workdir) / "eval" / "hq_predictions.npz")
     source = pipeline.open_split("emonet_face_hq/64", "test", args.data_dir)
     _, names, table = model_eval.read_expert_ratings(source)
@@ -294,13 +296,18 @@ def spread(args) -> dict:
     if list(scores["image_id"]) != ids:
         raise ValueError(f"{args.workdir}'s predictions are not in the order of the HQ records in {args.data_dir}")
     s = scores["intensity"]
-    out = {}
-    for factor in (1.0, 1.5, 2.0, 2.5, 3.0):
-        stretched = np.clip(s.mean(0) + factor * (s - s.mean(0)), 0, 7)
-        result = agreement.hq_agreement(np.concatenate([table, stretched[None]]), names + ["model"],
+
+    def kappa(ratings):
+        result = agreement.hq_agreement(np.concatenate([table, np.clip(ratings, 0, 7)[None]]), names + ["model"],
                                         [True] * len(names) + [False], full=False)["annotators"]
-        out[str(factor)] = round(result["model"]["mean_kappa"], 3)
-    return {"model_kappa_by_stretch": out, "model_std": round(float(s.std(0).mean()), 3),
+        return round(result["model"]["mean_kappa"], 3)
+
+    factors = (1.0, 1.5, 2.0, 2.5, 3.0)
+    stretched = {str(f): s.mean(0) + f * (s - s.mean(0)) for f in factors}
+    return {"model_kappa_by_stretch": {f: kappa(r) for f, r in stretched.items()},
+            "model_kappa_by_stretch_rounded": {f: kappa(r + 0.5) for f, r in stretched.items()},
+            "model_mean": round(float(s.mean()), 3), "model_mean_level": round(float(np.trunc(s).mean()), 3),
+            "expert_mean": round(float(np.nanmean(table)), 3), "model_std": round(float(s.std(0).mean()), 3),
             "expert_std": round(float(np.nanstd(table, axis=1).mean()), 3)}
 
 
