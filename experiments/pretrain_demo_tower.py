@@ -98,8 +98,8 @@ def train(args) -> dict:
     init_card = None
     if args.init:
         # Continue from an earlier tower (a second cosine cycle); the read-out starts fresh.
-        params, _ = pretrained.init_tower(variables["params"], args.init)
-        variables = {"params": params}
+        loaded, _ = pretrained.init_tower(variables["params"], args.init)
+        variables = {"params": loaded}
         init_card = json.loads(pathlib.Path(args.init).with_suffix(".json").read_text())
     schedule = optax.warmup_cosine_decay_schedule(0, args.lr, args.warmup, args.steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=args.weight_decay))
