@@ -62,6 +62,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.scan = False              # nn.scan over blocks (big_vision's scanned param layout)
     c.model.remat = False             # recompute activations in the backward pass
     c.model.compute_dtype = "float32"  # or bfloat16 (parameters stay float32)
+    c.model.attention = "xla"         # or cudnn: fused attention on NVIDIA GPUs (bfloat16 only)
     c.model.head_hidden = ()          # hidden widths of an MLP before the emotion head
     c.model.head_dropout = 0.0
     c.model.extra_head = True         # valence / arousal / dominance / vulnerability

@@ -163,3 +163,24 @@ def test_bfloat16_compute_keeps_float32_parameters():
     assert out["logits"].dtype == jnp.float32 and np.isfinite(out["logits"]).all()
     full = emonet.EmotionModel(img=vit.ViT.from_variant("mu/8")).apply(variables, images)
     np.testing.assert_allclose(out["embedding"].astype(np.float32), full["embedding"], atol=0.1)
+
+
+@pytest.mark.parametrize("tokens", [9, 10])
+def test_even_length_attention_equals_flax_attention(tokens):
+    """The padding that lets cuDNN take an odd token count changes neither values nor gradients
+    (run here with XLA's implementation of the same call; cuDNN itself needs a GPU)."""
+    import flax.linen as nn
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, tokens, 3, 8)) for i in range(3))
+    np.testing.assert_allclose(vit.even_length_attention(q, k, v, "xla"), nn.dot_product_attention(q, k, v),
+                               atol=1e-6)
+    loss = lambda f: lambda q: (f(q, k, v) ** 2).sum()
+    np.testing.assert_allclose(jax.grad(loss(lambda *a: vit.even_length_attention(*a, "xla")))(q),
+                               jax.grad(loss(nn.dot_product_attention))(q), atol=1e-5)
+
+
+def test_attention_option_errors_name_the_choices():
+    images = jnp.zeros((1, 16, 16, 3))
+    with pytest.raises(ValueError, match=r"attention must be one of \('xla', 'cudnn'\), got 'flash'"):
+        vit.ViT.from_variant("mu/8", attention="flash").init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="needs bfloat16 compute"):
+        vit.ViT.from_variant("mu/8", attention="cudnn").init(jax.random.key(0), images)

@@ -91,6 +91,6 @@ def build(config) -> EmotionModel:
     if dtype is None:
         raise ValueError(f"model.compute_dtype must be 'float32' or 'bfloat16', got {m.compute_dtype!r}")
     img = ViT.from_variant(m.variant, pool=m.pool, posemb=m.posemb, dropout=m.dropout, scan=m.scan,
-                           remat=m.remat, dtype=dtype)
+                           remat=m.remat, dtype=dtype, attention=m.attention)
     return EmotionModel(img=img, head_hidden=tuple(m.head_hidden), head_dropout=m.head_dropout,
                         extra_head=m.extra_head)

@@ -66,6 +66,33 @@ def parse_variant(variant: str) -> tuple[Size, int]:
 # bfloat16 compute their gradients stay on XLA:CPU's AMX path (a plain dot_general's do not).
 _PROJECTIONS = dict(qkv_dot_general=mixed_precision.dot_general, out_dot_general=mixed_precision.dot_general)
 
+# How the encoder blocks compute softmax(q·k)·v: 'xla' is Flax's own (two einsums and a softmax,
+# any platform and dtype); 'cudnn' is cuDNN's fused (flash) attention on an NVIDIA GPU, which
+# never writes the [heads, tokens, tokens] weights to memory (bfloat16 compute only). The MAP
+# head's single-query attention always uses 'xla'.
+ATTENTION = ("xla", "cudnn")
+
+
+def cudnn_attention(query, key, value, mask=None, dropout_rate=0.0, deterministic=True):
+    """A Flax `attention_fn` (inputs [batch, tokens, heads, head_dim]) through cuDNN."""
+    if mask is not None or (dropout_rate and not deterministic):
+        raise ValueError("attention='cudnn' supports neither masks nor attention dropout")
+    return even_length_attention(query, key, value, implementation="cudnn")
+
+
+def even_length_attention(query, key, value, implementation=None):
+    """`jax.nn.dot_product_attention` over an even number of tokens: cuDNN's training kernels
+    reject odd lengths (So400m/14 at 384 px has 27² = 729 tokens), so an odd sequence gets one
+    zero token, masked out as a key by the sequence lengths and dropped as a query."""
+    tokens = query.shape[1]
+    if tokens % 2 == 0:
+        return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    lengths = jnp.full((query.shape[0],), tokens, jnp.int32)
+    out = jax.nn.dot_product_attention(pad(query), pad(key), pad(value), query_seq_lengths=lengths,
+                                       key_value_seq_lengths=lengths, implementation=implementation)
+    return out[:, :tokens]
+
 
 class MlpBlock(nn.Module):
     mlp_dim: int
@@ -88,13 +115,15 @@ class Encoder1DBlock(nn.Module):
     num_heads: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         y = nn.LayerNorm(dtype=self.dtype)(x)
+        fused = dict(attention_fn=cudnn_attention) if self.attention == "cudnn" else {}
         y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
                                             kernel_init=nn.initializers.xavier_uniform(),
-                                            deterministic=deterministic, **_PROJECTIONS)(y, y)
+                                            deterministic=deterministic, **_PROJECTIONS, **fused)(y, y)
         x = x + nn.Dropout(self.dropout)(y, deterministic)
         y = nn.LayerNorm(dtype=self.dtype)(x)
         y = MlpBlock(self.mlp_dim, self.dropout, self.dtype)(y, deterministic)
@@ -117,10 +146,12 @@ class Encoder(nn.Module):
     scan: bool = False
     remat: bool = False
     dtype: Any = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype)
+        kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype,
+                  attention=self.attention)
         if self.scan:
             block = _ScannedBlock
             if self.remat:
@@ -180,6 +211,7 @@ class ViT(nn.Module):
     scan: bool = False
     remat: bool = False
     dtype: Any = jnp.float32
+    attention: str = "xla"          # see ATTENTION
 
     @classmethod
     def from_variant(cls, variant: str, **kw) -> "ViT":
@@ -190,6 +222,10 @@ class ViT(nn.Module):
     def __call__(self, images, *, train: bool = False):
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.attention == "cudnn" and self.dtype != jnp.bfloat16:
+            raise ValueError("attention='cudnn' needs bfloat16 compute (model.compute_dtype='bfloat16')")
         deterministic = not train
         x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
                     name="embedding", dtype=self.dtype)(images.astype(self.dtype))
@@ -201,7 +237,7 @@ class ViT(nn.Module):
             x = jnp.concatenate([jnp.tile(cls_token, (batch, 1, 1)).astype(x.dtype), x], axis=1)
         x = nn.Dropout(self.dropout)(x, deterministic)
         x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.scan, self.remat,
-                    self.dtype, name="Transformer")(x, deterministic)
+                    self.dtype, self.attention, name="Transformer")(x, deterministic)
         tokens = x[:, 1:] if self.pool == "tok" else x
         if self.pool == "map":
             pooled = MAPHead(self.mlp_dim, self.num_heads, self.dtype)(x)
