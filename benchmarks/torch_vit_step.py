@@ -1,11 +1,14 @@
-"""The PyTorch baseline of `python -m emonet_jax.bench train_step`: one ViT training step on CPU.
+"""The PyTorch baseline of `python -m emonet_jax.bench train_step`: one ViT training step.
 
     .venv-torch/bin/python benchmarks/torch_vit_step.py --variant=B/16 --res=224 --batch=8 --steps=5
+    python benchmarks/torch_vit_step.py --device=cuda --dtype=bfloat16 --batch=256 [--compile]
 
 Prints one JSON line with the keys of our benchmark (images_per_s, median_step_s, p90_step_s,
 step_s, params, ...). The step is what a PyTorch user writes: forward, cross-entropy against
 random labels, backward, global-norm clipping at 1.0 (our optimizer's default) and AdamW, on
-random images, with torch.set_num_threads(os.cpu_count()).
+random images, with torch.set_num_threads(os.cpu_count()). With `--device=cuda` the same step
+runs on the GPU (autocast there for bfloat16; each timed step ends with a synchronize), and
+`--compile` wraps the model in `torch.compile` (compiled during the warm-up steps).
 
 The model is timm's `VisionTransformer` with the variant's dimensions (for B/16 at 224, timm's
 `vit_base_patch16_224`) when timm imports. timm 1.0 imports torchvision when it is imported
@@ -149,6 +152,8 @@ def main():
                         help="bfloat16: torch.autocast (parameters stay float32), like model.compute_dtype")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--local_model", action="store_true", help="use TimmLikeViT even if timm imports")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = parser.parse_args()
     load = os.getloadavg()[0]                  # a shared machine: say how busy it was
 
@@ -156,19 +161,21 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, name, why_not_timm = build_model(args.variant, args.res, args.local_model)
+    model = model.to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    images = torch.rand(args.batch, 3, args.res, args.res) * 2 - 1
-    labels = torch.randint(0, NUM_CLASSES, (args.batch,))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    images = (torch.rand(args.batch, 3, args.res, args.res) * 2 - 1).to(args.device)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch,)).to(args.device)
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    forward = torch.compile(model) if args.compile else model
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            loss = torch.nn.functional.cross_entropy(forward(images), labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        return float(loss.detach())
+        return float(loss.detach())          # waits for the device: the step is done
 
     for _ in range(args.warmup):
         step()
@@ -182,6 +189,7 @@ def main():
     print(json.dumps({
         "benchmark": "torch_vit_step", "model": name, "why_not_timm": why_not_timm, "variant": args.variant, "image_size": args.res,
         "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "compiled": args.compile,
         "params": sum(p.numel() for p in model.parameters()), "images_per_s": args.batch / median,
         "median_step_s": median, "p90_step_s": percentile(seconds, 90), "step_s": seconds,
         "median_step_cpu_s": percentile(cpu_seconds, 50),

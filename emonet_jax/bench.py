@@ -6,7 +6,7 @@
                                       --reference=.venv-torch/bin/python --heads_repeats=1]
     python -m emonet_jax.bench peak [--dtype=float32 --peak_n=0]
     python -m emonet_jax.bench train_step [--variant=B/16 --res=224 --batch=8 --steps=5 --warmup=1
-                                           --dtype=float32 --remat=false --scan=false]
+                                           --dtype=float32 --remat=false --scan=false --attention=xla]
     python -m emonet_jax.bench prepare [--prepare_dataset=hq --images=64 --image_size=224]
     python -m emonet_jax.bench image_bytes [--images=64 --noise=8]
 
@@ -107,6 +107,7 @@ flags.DEFINE_alias("res", "image_size")
 flags.DEFINE_alias("dtype", "compute_dtype")   # train_step, peak: model.compute_dtype / the matmul's dtype
 flags.DEFINE_bool("remat", False, "train_step: recompute activations in the backward pass (model.remat).")
 flags.DEFINE_bool("scan", False, "train_step: scan over the blocks (model.scan).")
+flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"], "train_step: model.attention (cudnn: NVIDIA GPU, bfloat16).")
 flags.DEFINE_integer("warmup", 1, "train_step: untimed steps after compiling.")
 flags.DEFINE_integer("peak_n", 0, "peak, train_step: n of the n x n peak matmul (0: 2048 on CPU, 8192 elsewhere).")
 flags.DEFINE_enum("prepare_dataset", "hq", ["hq", "binary", "big"], "prepare: which builder builds the split.")
@@ -356,7 +357,7 @@ def bench_train_step() -> dict:
     load = os.getloadavg()[0]
     peak = perf.measure_peak_flops(FLAGS.peak_n or None, FLAGS.compute_dtype)
     config = perf.step_config(given["variant"], FLAGS.image_size, given["batch"], FLAGS.compute_dtype, FLAGS.remat,
-                              FLAGS.scan)
+                              FLAGS.scan, attention=FLAGS.attention)
     result = perf.bench_train_step(config, given["steps"], FLAGS.warmup, peak)
     return {"benchmark": "train_step", **result, "cpus": os.cpu_count(), "load_avg_1min_at_start": round(load, 2)}
 

@@ -11,7 +11,9 @@
 The train step is the trainer's own (`train.build` + `train.make_train_step`: sharded, state
 donated) on random images and labels. Its FLOPs are XLA's count for the global batch: the cost
 analysis of the step as lowered, before SPMD partitioning (a compiled, partitioned module
-counts one device's share plus the work every device repeats). XLA counts a while loop's body
+counts one device's share plus the work every device repeats). Where that count is missing or
+incomplete (GPU backends analyse compiled modules only, and those miss part of the cuBLAS
+work; cuDNN attention is a custom call) the same step is lowered for one CPU device instead. XLA counts a while loop's body
 once, so for a scanned tower (`scan=True`) the count comes from the same step with the blocks
 unrolled, lowered but never compiled. With `remat=True` the count includes the recomputed
 forward pass: it is the work done, not the model's 6·N·T.
@@ -73,8 +75,9 @@ def measure_peak_flops(n: int | None = None, dtype: str = "float32", repeats: in
     cpu = device.platform == "cpu"
     n = n or (2048 if cpu else 8192)
     iterations = iterations or (2 if cpu else 20)
-    # Entries of variance 1/n keep the chained product's scale about constant.
-    a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), dtype) / np.sqrt(n), device)
+    # Entries of variance 1/n keep the chained product's scale about constant. (The cast comes
+    # last: a numpy float64 scale would promote a bfloat16 array to float32.)
+    a = jax.device_put((jax.random.normal(jax.random.key(0), (n, n)) / np.sqrt(n)).astype(dtype), device)
     chain = jax.jit(lambda a: jax.lax.fori_loop(0, iterations, lambda _, x: a @ x, a))
     chain(a).block_until_ready()                            # compile and warm up
     seconds = []
@@ -83,7 +86,7 @@ def measure_peak_flops(n: int | None = None, dtype: str = "float32", repeats: in
         chain(a).block_until_ready()
         seconds.append(time.perf_counter() - start)
     best = min(seconds)
-    return {"peak_flops_per_s": 2 * n ** 3 * iterations / best, "matmul_n": n, "matmul_dtype": dtype,
+    return {"peak_flops_per_s": 2 * n ** 3 * iterations / best, "matmul_n": n, "matmul_dtype": str(a.dtype),
             "matmul_iterations": iterations, "matmul_best_s": best, "device_kind": device.device_kind,
             "platform": device.platform}
 
@@ -91,7 +94,7 @@ def measure_peak_flops(n: int | None = None, dtype: str = "float32", repeats: in
 # --- train step ------------------------------------------------------------------------------
 
 def step_config(variant: str, image_size: int, batch_size: int, dtype: str = "float32", remat: bool = False,
-                scan: bool = False, base=None):
+                scan: bool = False, base=None, attention: str = "xla"):
     """configs/common.py's defaults (or `base`) with the benchmark's model, image size and batch."""
     from configs import common
     config = copy.deepcopy(base) if base is not None else common.base()
@@ -101,6 +104,7 @@ def step_config(variant: str, image_size: int, batch_size: int, dtype: str = "fl
     config.model.compute_dtype = dtype
     config.model.remat = remat
     config.model.scan = scan
+    config.model.attention = attention
     return config
 
 
@@ -123,21 +127,34 @@ def random_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str, n
     return batch
 
 
-def cost(stage) -> dict:
-    """`cost_analysis()` of a jax Lowered or Compiled as one dict (older jax returned a list)."""
+def cost(stage) -> dict | None:
+    """`cost_analysis()` of a jax Lowered or Compiled as one dict (older jax returned a list);
+    None where the backend gives none (GPU backends analyse compiled modules only)."""
     analysis = stage.cost_analysis()
-    return analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) and analysis else analysis
+    return analysis if analysis and "flops" in analysis else None
 
 
-def step_flops(config, mesh, lowered, batch) -> float:
-    """FLOPs of one global step (see the module docstring for why unscanned and unpartitioned)."""
-    if not config.model.scan:
-        return float(cost(lowered)["flops"])
-    unrolled = copy.deepcopy(config)
-    unrolled.model.scan = False
-    trainer = train.build(unrolled, mesh)
+def step_flops(config, mesh, lowered, batch) -> tuple[float, str]:
+    """FLOPs of one global step, and where the count comes from (the module docstring says why
+    unscanned and unpartitioned): `xla_lowered`, XLA's count of the step as lowered for its
+    devices, or `xla_lowered_on_cpu`, the same step lowered (never compiled) for one CPU device.
+    The second is used where the first is missing or would miss work: a scanned tower, cuDNN
+    attention (a custom call XLA cannot count), a backend with no analysis before compiling (GPU;
+    its compiled modules count cuBLAS products partly: 60 % of the step on an H100)."""
+    counted = copy.deepcopy(config)
+    counted.model.scan, counted.model.attention = False, "xla"
+    analysis = cost(lowered) if counted == config else None
+    if analysis:
+        return float(analysis["flops"]), "xla_lowered"
+    cpu_mesh = train.make_mesh(counted, jax.devices("cpu")[:1])
+    trainer = train.build(counted, cpu_mesh)
     state = jax.eval_shape(lambda: train.initial_state(trainer))
-    return float(cost(train.make_train_step(trainer).lower(state, batch))["flops"])
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    analysis = cost(train.make_train_step(trainer).lower(state, abstract_batch))
+    if not analysis:
+        raise RuntimeError("XLA gives no cost analysis of the step lowered for the CPU")
+    return float(analysis["flops"]), "xla_lowered_on_cpu"
 
 
 def analytic_flops(num_params: int, config) -> float:
@@ -157,7 +174,7 @@ def bench_train_step(config, steps: int, warmup: int = 1, peak: dict | None = No
     lowered = train.make_train_step(trainer).lower(state, batch)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    flops = step_flops(config, mesh, lowered, batch)
+    flops, flops_source = step_flops(config, mesh, lowered, batch)
     for _ in range(warmup):
         state, metrics = jax.block_until_ready(compiled(state, batch))
     seconds, cpu_seconds = [], []
@@ -180,13 +197,15 @@ def bench_train_step(config, steps: int, warmup: int = 1, peak: dict | None = No
         "images_per_s": config.batch_size / median, "median_step_s": median,
         "p90_step_s": float(np.percentile(seconds, 90)), "step_s": seconds,
         "median_step_cpu_s": float(np.median(cpu_seconds)), "compile_s": compile_s,
-        "flops_per_step": flops, "analytic_6nt_flops_per_step": analytic_flops(num_params, config),
+        "flops_per_step": flops, "flops_source": flops_source, "analytic_6nt_flops_per_step": analytic_flops(num_params, config),
         "flops_per_s": flops / median, "loss": loss,
         "platform": device.platform, "device_kind": device.device_kind, "device_count": devices,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     if peak:
         result.update(against_peak(result, peak, devices))
+    if config.model.attention != "xla":
+        result["attention"] = config.model.attention
     return result
 
 

@@ -37,7 +37,8 @@ def parsed_flags():
 def test_peak_is_the_flops_of_the_chained_matmuls_over_the_best_time():
     peak = perf.measure_peak_flops(n=128, repeats=2, iterations=3)
     assert peak["peak_flops_per_s"] == pytest.approx(2 * 128 ** 3 * 3 / peak["matmul_best_s"])
-    assert peak["platform"] == "cpu" and peak["matmul_n"] == 128
+    assert peak["platform"] == "cpu" and peak["matmul_n"] == 128 and peak["matmul_dtype"] == "float32"
+    assert perf.measure_peak_flops(n=64, dtype="bfloat16", repeats=1, iterations=1)["matmul_dtype"] == "bfloat16"
 
 
 def test_step_flops_are_the_analytic_6nt_also_for_a_scanned_tower():
@@ -52,7 +53,30 @@ def test_step_flops_are_the_analytic_6nt_also_for_a_scanned_tower():
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     analytic = perf.analytic_flops(num_params, config)
     assert perf.cost(lowered)["flops"] < analytic / 4                     # the loop body counted once
-    assert perf.step_flops(config, mesh, lowered, batch) == pytest.approx(analytic, rel=0.2)
+    flops, source = perf.step_flops(config, mesh, lowered, batch)
+    assert flops == pytest.approx(analytic, rel=0.2) and source == "xla_lowered_on_cpu"
+
+
+def test_step_flops_are_counted_on_the_cpu_where_the_lowered_step_has_no_analysis():
+    """GPU backends give no cost analysis before compiling: the step is lowered for the CPU."""
+    config = perf.step_config("mu/8", image_size=32, batch_size=8)
+    mesh = train.make_mesh(config)
+    trainer = train.build(config, mesh)
+    state = jax.eval_shape(lambda: train.initial_state(trainer))
+    batch = perf.random_batch(config.batch_size, config.input.image_size)
+    lowered = train.make_train_step(trainer).lower(state, batch)
+
+    class NoAnalysis:                   # a Lowered as a GPU backend gives it
+        def cost_analysis(self):
+            return None
+
+    assert perf.step_flops(config, mesh, NoAnalysis(), batch) == (perf.cost(lowered)["flops"], "xla_lowered_on_cpu")
+    # cuDNN attention (a custom call) is counted as the same step with XLA's attention.
+    fused = perf.step_config("mu/8", image_size=32, batch_size=8, dtype="bfloat16", attention="cudnn")
+    plain = perf.step_config("mu/8", image_size=32, batch_size=8, dtype="bfloat16")
+    plain_lowered = train.make_train_step(train.build(plain, mesh)).lower(state, batch)
+    assert perf.step_flops(fused, mesh, NoAnalysis(), batch) == (perf.cost(plain_lowered)["flops"],
+                                                                   "xla_lowered_on_cpu")
 
 
 def test_train_step_reports_speed_flops_and_the_floor():
@@ -64,7 +88,7 @@ def test_train_step_reports_speed_flops_and_the_floor():
     assert result["images_per_s"] == pytest.approx(8 / result["median_step_s"])
     assert min(result["step_s"]) <= result["median_step_s"] <= result["p90_step_s"] <= max(result["step_s"])
     assert result["compile_s"] > 0 and np.isfinite(result["loss"])
-    assert result["flops_per_step"] > 0
+    assert result["flops_per_step"] > 0 and result["flops_source"] == "xla_lowered"
     assert result["flops_per_s"] == pytest.approx(result["flops_per_step"] / result["median_step_s"])
     # Nothing runs faster than the peak matmul: the floor is below the step, the fraction below 1.
     assert result["floor_step_s"] < result["median_step_s"]
