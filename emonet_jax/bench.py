@@ -297,8 +297,11 @@ def bench_heads() -> dict:
     load = os.getloadavg()[0]
     start = time.perf_counter()
     rows, valid = heads_train.epoch_batches(n, batch, 0, 0, 0)[0]
-    step = heads_train.make_train_step(model, tx, "intensity", seed=0).lower(first_state, data, rows, valid).compile()
+    lowered = heads_train.make_train_step(model, tx, "intensity", seed=0).lower(first_state, data, rows, valid)
+    step = lowered.compile()
     compile_s = time.perf_counter() - start
+    from emonet_jax import perf
+    flops = (perf.cost(lowered) or {}).get("flops")          # XLA's count; None on a GPU backend
 
     def ours() -> dict:
         state = fresh_state()
@@ -334,6 +337,9 @@ def bench_heads() -> dict:
               "images_per_s": round(n * FLAGS.epochs / best["seconds"], 1),
               "final_batch_loss": round(best["loss"], 4), "load_avg_1min_at_start": round(load, 2),
               "seconds_each": [round(r["seconds"], 3) for r in runs]}
+    if flops:
+        result["flops_per_step"] = flops
+        result["flops_per_s"] = round(flops * steps / best["seconds"])
     if references:
         fastest = min(references, key=lambda r: r["seconds"])
         result["reference"] = {**fastest, "seconds_each": [round(r["seconds"], 3) for r in references]}

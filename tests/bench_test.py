@@ -199,3 +199,6 @@ def test_heads_alternates_with_the_reference_and_reports_the_fastest_of_each(tmp
     assert result["speedup"] == pytest.approx(10 / result["seconds"], rel=0.01)
     assert result["speedup_each"] == [pytest.approx(t / s, rel=0.01) for t, s in zip((10, 20), result["seconds_each"])]
     assert np.isfinite(result["final_batch_loss"])
+    # flops_per_s uses the unrounded time; "seconds" is rounded to 1 ms.
+    assert result["flops_per_step"] > 0
+    assert result["flops_per_s"] == pytest.approx(result["flops_per_step"] * 2 / result["seconds"], rel=0.15)
