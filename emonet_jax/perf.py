@@ -71,7 +71,7 @@ def measure_peak_flops(n: int | None = None, dtype: str = "float32", repeats: in
     On a CPU one device runs on all cores, so this is the machine's peak; on a GPU or TPU it is
     one chip's. Defaults: n = 2048 on CPU (about 0.1 s a matmul on 2 cores), 8192 elsewhere.
     On a CPU the products go through `mixed_precision.matmul`, the path the models' layers take:
-    a plain bfloat16 `a @ x` misses XLA:CPU's AMX kernels (166 against 860 GFLOP/s at 2048 on
+    a plain bfloat16 `a @ x` misses XLA:CPU's AMX kernels (172 against 859 GFLOP/s at 2048 on
     2 Sapphire Rapids cores).
     """
     device = device or jax.devices()[0]
