@@ -277,7 +277,7 @@ def bench_heads() -> dict:
     import jax
 
     from configs import empathic_insight
-    from emonet_jax import heads_train
+    from emonet_jax import heads_train, perf
     from emonet_jax.models import heads
 
     batch = FLAGS.batch if FLAGS["batch"].present else HEADS_BATCH
@@ -300,8 +300,7 @@ def bench_heads() -> dict:
     lowered = heads_train.make_train_step(model, tx, "intensity", seed=0).lower(first_state, data, rows, valid)
     step = lowered.compile()
     compile_s = time.perf_counter() - start
-    from emonet_jax import perf
-    flops = (perf.cost(lowered) or {}).get("flops")          # XLA's count; None on a GPU backend
+    analysis = perf.cost(lowered)                              # XLA's count; None on a GPU backend
 
     def ours() -> dict:
         state = fresh_state()
@@ -337,9 +336,9 @@ def bench_heads() -> dict:
               "images_per_s": round(n * FLAGS.epochs / best["seconds"], 1),
               "final_batch_loss": round(best["loss"], 4), "load_avg_1min_at_start": round(load, 2),
               "seconds_each": [round(r["seconds"], 3) for r in runs]}
-    if flops:
-        result["flops_per_step"] = flops
-        result["flops_per_s"] = round(flops * steps / best["seconds"])
+    if analysis:
+        result["flops_per_step"] = analysis["flops"]
+        result["flops_per_s"] = round(analysis["flops"] * steps / best["seconds"])
     if references:
         fastest = min(references, key=lambda r: r["seconds"])
         result["reference"] = {**fastest, "seconds_each": [round(r["seconds"], 3) for r in references]}

@@ -200,7 +200,7 @@ def bench_train_step(config, steps: int, warmup: int = 1, peak: dict | None = No
     result = {
         "variant": config.model.variant, "image_size": config.input.image_size, "batch": config.batch_size,
         "steps": steps, "warmup": warmup, "dtype": config.model.compute_dtype, "remat": config.model.remat,
-        "scan": config.model.scan, "params": num_params,
+        "scan": config.model.scan, "attention": config.model.attention, "params": num_params,
         "images_per_s": config.batch_size / median, "median_step_s": median,
         "p90_step_s": float(np.percentile(seconds, 90)), "step_s": seconds,
         "median_step_cpu_s": float(np.median(cpu_seconds)), "compile_s": compile_s,
@@ -211,8 +211,6 @@ def bench_train_step(config, steps: int, warmup: int = 1, peak: dict | None = No
     }
     if peak:
         result.update(against_peak(result, peak, devices))
-    if config.model.attention != "xla":
-        result["attention"] = config.model.attention
     return result
 
 
