@@ -110,20 +110,20 @@ def test_the_bfloat16_train_step_keeps_its_products_on_the_cpu_fast_path():
     state = jax.jit(lambda: heads_train.new_state(model, tx, 64, 0))()
     data = heads_train.device_data({"x": np.zeros((100, 64), np.float32), "target": np.zeros((100, E), np.float32),
                                     "mask": np.ones((100, E), np.float32)})
-    rows, valid = heads_train.epoch_batches(100, 32, 0, 0, 0)[0]
+    rows, valid = heads_train.epoch_batches(100, 24, 0, 0, 0)[0]
     compiled = heads_train.make_train_step(model, tx, "intensity", 0).lower(state, data, rows, valid).compile()
     off = mixed_precision.dots_off_fast_path(compiled.as_text())
-    # Only the last layer's products (one output per head, M = 1: [40, 1, 32] or [40, 32] once
-    # XLA drops the 1) run elsewhere, in float32.
+    # Only the last layer's products (one output per head, N = 1: its forward [40, 24, 1] and
+    # its kernel gradient [40, 32, 1], stored [40, 32] once XLA drops the 1) run elsewhere, in float32.
     shapes = [line.split(": ")[1].split("{")[0] for line in off]
-    assert shapes and all(s in (f"f32[{E},1,32]", f"f32[{E},32]") for s in shapes), off
+    assert shapes and all(s in (f"f32[{E},24,1]", f"f32[{E},32]", f"f32[{E},32,1]") for s in shapes), off
 
 
 def test_dropout_masks_differ_between_heads():
     model = heads.Heads(hidden=(64,), dropout=0.5)
     params = init(model, 8)
     # Identical heads: any difference between their outputs comes from their dropout masks.
-    params = jax.tree.map(lambda p: jnp.broadcast_to(p[:1], p.shape), params)
+    params = heads.module_layout(jax.tree.map(lambda p: jnp.broadcast_to(p[:1], p.shape), heads.per_head_layout(params)))
     x = jnp.ones((4, 8))
     out = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(0)})
     assert len(np.unique(np.asarray(out[0]).round(5))) > 1
@@ -159,13 +159,13 @@ def test_a_masked_emotion_gives_its_head_zero_gradient():
         loss = lambda p: heads_train.heads_loss(model.apply({"params": p}, x), y, mask, "intensity")[0]  # noqa: E731
         return jax.grad(loss)(params)
 
-    g = grads(x, y, mask)
+    g = heads.per_head_layout(grads(x, y, mask))  # slice e of every array: head e
     for path, leaf in tree.flatten(g).items():
         assert np.all(np.asarray(leaf)[5] == 0), path
         assert np.any(np.asarray(leaf)[4] != 0), path
     # The unlabelled pair of emotion 9 counts for nothing: same gradient as without that row.
     keep = np.arange(10) != 3
-    g_without = grads(x[keep], y[keep], mask[keep])
+    g_without = heads.per_head_layout(grads(x[keep], y[keep], mask[keep]))
     for path in tree.flatten(g):
         np.testing.assert_allclose(np.asarray(tree.flatten(g)[path])[9], np.asarray(tree.flatten(g_without)[path])[9],
                                    atol=1e-6, err_msg=path)

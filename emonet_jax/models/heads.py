@@ -9,20 +9,20 @@ carry a leading axis of 40 (`StackedDense`), so all heads train in one jitted st
     params = model.init(jax.random.key(0), jnp.zeros((1, 1152)))["params"]
     scores = model.apply({"params": params}, embeddings)          # [B, D] -> [B, 40], taxonomy order
 
-Parameter names are `Dense_{i}/{kernel,bias}` with kernels [40, out, in] (each head's kernel
-transposed, as torch.nn.Linear stores it) and biases [40, out]. `per_head_layout` turns them
-into kernels [40, in, out] where head e (taxonomy.NAMES[e]) is slice e of every array
-(`head_params`), and `Head`, one emotion's MLP, applied to that slice gives the same numbers
-(a test checks it). Each head has its own initialisation and its own dropout masks
-(`HashDropout`), as 40 separate trainings would.
+Parameter names are `Dense_{i}/{kernel,bias}`. The first layer, which reads the shared
+embedding and does most of the work, has its kernel [D, 40, out] (`SharedInputDense`); every
+later kernel is [40, in, out] (`StackedDense`); biases are [40, out]. `per_head_layout` moves
+the first kernel's head axis to the front, so that head e (taxonomy.NAMES[e]) is slice e of
+every array (`head_params`), and `Head`, one emotion's MLP, applied to that slice gives the
+same numbers (a test checks it). Each head has its own initialisation and its own dropout
+masks (`HashDropout`), as 40 separate trainings would.
 
-Inside, activations are feature-major ([features, B], then [40, features, B]) so that every
-product, forward and backward, is one `mixed_precision.matmul` with row-major operands: the
-first layer, which reads the embedding and does most of the work, is a single
-[40 * width, D] x [D, B] product (a free reshape of its kernel), and its kernel gradient a
-single [40 * width, B] x [B, D] one. `compute_dtype='bfloat16'` runs every product with
-bfloat16 operands and float32 accumulation (parameters, embeddings and the optimizer stay
-float32), which on a CPU with AMX is several times faster than float32.
+Every product, forward and backward, is one `mixed_precision.matmul` with row-major operands:
+the first layer is a single [B, D] x [D, 40 * width] product and its kernel gradient a single
+[D, B] x [B, 40 * width] one; after it, activations are [40, B, features] and each layer is
+one batched product. `compute_dtype='bfloat16'` runs every product with bfloat16 operands and
+float32 accumulation (parameters, embeddings and the optimizer stay float32), which on a CPU
+with AMX is several times faster than float32.
 
 Inputs are the raw pooled embedding (`input_norm='none'`, what the published heads take) or
 its L2-normalised version (`'l2'`); nothing is learned about the inputs, so an export needs
@@ -97,32 +97,45 @@ class Head(nn.Module):
         return nn.Dense(1, name=f"Dense_{len(self.hidden)}")(x)[..., 0]
 
 
-class StackedDense(nn.Module):
-    """`num_heads` Dense layers side by side, feature-major: kernel [heads, out, in] (each head's
-    kernel transposed, as torch.nn.Linear stores it), bias [heads, out].
+class SharedInputDense(nn.Module):
+    """`num_heads` Dense layers reading the same input: x [B, in] -> [heads, B, out]; kernel
+    [in, heads, out], bias [heads, out].
 
-    x [in, B] (one input shared by every head) or [heads, in, B] -> [heads, out, B]. Every
-    product is canonical for `mixed_precision.matmul` (kernel rows times input columns), forward
-    and backward, so none needs a large transpose: the shared case is one
-    [heads * out, in] x [in, B] product whose kernel reshape is free. `compute_dtype` is the
-    operand dtype (float32 accumulation, float32 parameters)."""
+    The product is one [B, in] x [in, heads * out] `mixed_precision.matmul` (the kernel's
+    reshape is free) and its kernel gradient one [in, B] x [B, heads * out]: the wide
+    heads * out axis is the output's columns, the orientation XLA:CPU's fast path runs fastest
+    (BENCHMARKS.md "Heads"). Turning [B, heads, out] into [heads, B, out] moves rows of `out`
+    contiguous values, which XLA fuses into the bias/ReLU/dropout loop that follows."""
     features: int
     num_heads: int
     compute_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x):
-        n_in, batch = x.shape[-2:]
+        batch, n_in = x.shape
         # Each head initialised as its own nn.Dense would be (lecun normal over its fan-in, zero bias).
-        init = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2, batch_axis=(0,))
-        kernel = self.param("kernel", init, (self.num_heads, self.features, n_in))
+        init = nn.initializers.lecun_normal(in_axis=0, out_axis=2, batch_axis=(1,))
+        kernel = self.param("kernel", init, (n_in, self.num_heads, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.num_heads, self.features))
-        if x.ndim == 2:
-            flat = kernel.reshape(self.num_heads * self.features, n_in)
-            y = mixed_precision.matmul(flat, x, self.compute_dtype).reshape(self.num_heads, self.features, batch)
-        else:
-            y = mixed_precision.matmul(kernel, x, self.compute_dtype)
-        return y + bias[:, :, None]
+        y = mixed_precision.matmul(x, kernel.reshape(n_in, -1), self.compute_dtype)
+        return jnp.transpose(y.reshape(batch, self.num_heads, self.features), (1, 0, 2)) + bias[:, None, :]
+
+
+class StackedDense(nn.Module):
+    """`num_heads` Dense layers side by side, each reading its own head's input: x [heads, B, in]
+    -> [heads, B, out]; kernel [heads, in, out], bias [heads, out]. One batched
+    `mixed_precision.matmul`; `compute_dtype` is the operand dtype (float32 accumulation,
+    float32 parameters)."""
+    features: int
+    num_heads: int
+    compute_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+        kernel = self.param("kernel", init, (self.num_heads, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.num_heads, self.features))
+        return mixed_precision.matmul(x, kernel, self.compute_dtype) + bias[:, None, :]
 
 
 def _fmix32(h):
@@ -135,13 +148,15 @@ def _fmix32(h):
 
 
 def hash_bits(seed, shape) -> jax.Array:
-    """uint32 [shape] of a counter-based hash: element i is fmix(fmix(i * golden + seed[0]) ^ seed[1]).
+    """uint32 [shape]: element i is fmix((i ^ seed[1]) * golden + seed[0]), MurmurHash3's
+    finaliser over a Weyl sequence (the construction of splitmix32), keyed by two seed words.
 
     XLA's CPU threefry costs ~15 ns per number, a fifth of a heads training step for the
-    dropout masks alone; dropout needs bits that look independent, not cryptographic ones, and
-    this hash (two rounds of MurmurHash3's finaliser keyed by two seed words) costs ~0.5 ns."""
-    i = jax.lax.iota(jnp.uint32, int(np.prod(shape))) * jnp.uint32(0x9E3779B9)
-    return _fmix32(_fmix32(i + seed[0]) ^ seed[1]).reshape(shape)
+    dropout masks alone; dropout needs bits that look independent, not cryptographic ones.
+    The xor with seed[1] is what makes two seeds' masks more than shifted copies of one
+    sequence (with seed[0] alone they would be: golden is invertible modulo 2^32)."""
+    i = jax.lax.iota(jnp.uint32, int(np.prod(shape)))
+    return _fmix32((i ^ seed[1]) * jnp.uint32(0x9E3779B9) + seed[0]).reshape(shape)
 
 
 class HashDropout(nn.Module):
@@ -171,13 +186,15 @@ class Heads(nn.Module):
     @nn.compact
     def __call__(self, embeddings, *, train: bool = False):
         x = normalize_inputs(embeddings.astype(jnp.float32), self.input_norm)
-        # Feature-major from here on ([features, B], then [heads, features, B]): see StackedDense.
-        x = mixed_precision.transpose(x)
-        for i, width in enumerate(self.hidden):
-            x = nn.relu(StackedDense(width, self.num_heads, self.compute_dtype, name=f"Dense_{i}")(x))
-            # One mask over [heads, width, B]: every head draws its own.
-            x = HashDropout(self.dropout, deterministic=not train)(x)
-        return StackedDense(1, self.num_heads, self.compute_dtype, name=f"Dense_{len(self.hidden)}")(x)[:, 0].T
+        widths = [*self.hidden, 1]
+        for i, width in enumerate(widths):
+            # The first layer reads the shared [B, D] input; from there on x is [heads, B, features].
+            layer = SharedInputDense if i == 0 else StackedDense
+            x = layer(width, self.num_heads, self.compute_dtype, name=f"Dense_{i}")(x)
+            if i < len(self.hidden):
+                # One mask over [heads, B, width]: every head draws its own.
+                x = HashDropout(self.dropout, deterministic=not train)(nn.relu(x))
+        return x[:, :, 0].T
 
 
 def normalize_inputs(x, input_norm: str):
@@ -213,18 +230,18 @@ def param_shapes(hidden: Sequence[int], dim: int, num_heads: int = NUM_HEADS) ->
 
 
 def per_head_layout(params: Any) -> Any:
-    """`Heads` parameters with kernels [heads, in, out] (what an export holds, and slice e of
-    each array is head e's `Head` parameters) instead of the module's [heads, out, in]."""
-    return _swap_kernels(params)
+    """`Heads` parameters with every kernel [heads, in, out] (what an export holds, and slice e
+    of each array is head e's `Head` parameters); the module's first kernel is [in, heads, out]."""
+    return _swap_first_kernel(params)
 
 
 def module_layout(per_head: Any) -> Any:
     """The inverse of `per_head_layout`."""
-    return _swap_kernels(per_head)
+    return _swap_first_kernel(per_head)
 
 
-def _swap_kernels(params):
-    swap = lambda path, x: np.swapaxes(x, 1, 2) if path.endswith("kernel") else x  # noqa: E731
+def _swap_first_kernel(params):
+    swap = lambda path, x: np.swapaxes(x, 0, 1) if path == "Dense_0/kernel" else x  # noqa: E731
     return tree.map_with_path(swap, params)
 
 
