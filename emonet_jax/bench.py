@@ -39,6 +39,11 @@ reports `speedup` = reference seconds / ours. With `--heads_repeats=N` ours and 
 take turns N times; `seconds` (and the reference's) is the fastest run, `seconds_each` lists
 all, `speedup_each` the ratio of each pair.
 
+`--profile_top=N` (`heads`, `train_step`, XLA:CPU): after the timed runs, one more epoch (heads)
+or --steps steps (train_step) under `jax.profiler`, and `profile` in the JSON: the N op groups
+that took the most time (`perf.op_profile`: XLA's op, the JAX operation it comes from, its
+output shape, ms per step, share of all op time).
+
 `peak`, `train_step`, `prepare` (code in `emonet_jax/perf.py`): the measured peak FLOP/s of
 one device (chained n x n matmuls in JAX); the trainer's own step on random images and labels
 (compile seconds apart, `images_per_s` = batch / median step, FLOPs per step from XLA's cost
@@ -108,6 +113,8 @@ flags.DEFINE_alias("dtype", "compute_dtype")   # train_step, peak: model.compute
 flags.DEFINE_bool("remat", False, "train_step: recompute activations in the backward pass (model.remat).")
 flags.DEFINE_bool("scan", False, "train_step: scan over the blocks (model.scan).")
 flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"], "train_step: model.attention (cudnn: NVIDIA GPU, bfloat16).")
+flags.DEFINE_integer("profile_top", 0, "heads, train_step: also profile the step (one epoch / --steps steps, "
+                     "XLA:CPU) and report its N most costly ops (perf.op_profile); 0: no profile.")
 flags.DEFINE_integer("warmup", 1, "train_step: untimed steps after compiling.")
 flags.DEFINE_integer("peak_n", 0, "peak, train_step: n of the n x n peak matmul (0: 2048 on CPU, 8192 elsewhere).")
 flags.DEFINE_enum("prepare_dataset", "hq", ["hq", "binary", "big"], "prepare: which builder builds the split.")
@@ -339,6 +346,16 @@ def bench_heads() -> dict:
     if analysis:
         result["flops_per_step"] = analysis["flops"]
         result["flops_per_s"] = round(analysis["flops"] * steps / best["seconds"])
+    if FLAGS.profile_top:
+        state = fresh_state()
+        epoch = heads_train.epoch_batches(n, batch, 0, 0, 0)
+
+        def run_epoch():
+            nonlocal state
+            for rows, valid in epoch:
+                state, _ = step(state, data, rows, valid)
+            jax.block_until_ready(state)
+        result["profile"] = perf.op_profile(run_epoch, step.as_text(), len(epoch), FLAGS.profile_top)
     if references:
         fastest = min(references, key=lambda r: r["seconds"])
         result["reference"] = {**fastest, "seconds_each": [round(r["seconds"], 3) for r in references]}
@@ -363,7 +380,7 @@ def bench_train_step() -> dict:
     peak = perf.measure_peak_flops(FLAGS.peak_n or None, FLAGS.compute_dtype)
     config = perf.step_config(given["variant"], FLAGS.image_size, given["batch"], FLAGS.compute_dtype, FLAGS.remat,
                               FLAGS.scan, attention=FLAGS.attention)
-    result = perf.bench_train_step(config, given["steps"], FLAGS.warmup, peak)
+    result = perf.bench_train_step(config, given["steps"], FLAGS.warmup, peak, FLAGS.profile_top)
     return {"benchmark": "train_step", **result, "cpus": os.cpu_count(), "load_avg_1min_at_start": round(load, 2)}
 
 

@@ -25,11 +25,17 @@ would take if every FLOP ran at the speed of one large matmul.
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import os
+import pathlib
+import re
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -171,8 +177,9 @@ def analytic_flops(num_params: int, config) -> float:
     return 6.0 * num_params * tokens * config.batch_size
 
 
-def bench_train_step(config, steps: int, warmup: int = 1, peak: dict | None = None) -> dict:
-    """Compiles the trainer's step for `config`, runs `warmup` then `steps` timed steps."""
+def bench_train_step(config, steps: int, warmup: int = 1, peak: dict | None = None, profile_top: int = 0) -> dict:
+    """Compiles the trainer's step for `config`, runs `warmup` then `steps` timed steps (and,
+    with `profile_top`, `steps` more under the profiler: `op_profile`'s top ops)."""
     mesh = train.make_mesh(config)
     trainer = train.build(config, mesh)
     state = train.initial_state(trainer)
@@ -211,6 +218,13 @@ def bench_train_step(config, steps: int, warmup: int = 1, peak: dict | None = No
     }
     if peak:
         result.update(against_peak(result, peak, devices))
+    if profile_top:
+        def run():
+            nonlocal state
+            for _ in range(steps):
+                state, _ = compiled(state, batch)
+            jax.block_until_ready(state)
+        result["profile"] = op_profile(run, compiled.as_text(), steps, profile_top)
     return result
 
 
@@ -229,6 +243,64 @@ def against_peak(result: dict, peak: dict, devices: int) -> dict:
         out["datasheet_peak_flops_per_s"] = sheet
         out["fraction_of_datasheet_peak"] = result["flops_per_s"] / (sheet * devices)
     return out
+
+
+# --- where a step's time goes ---------------------------------------------------------------
+
+_HLO_OP = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) [\w\-]+\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def op_profile(run: Callable[[], Any], compiled_text: str, steps: int, top: int = 20) -> dict:
+    """Where `steps` steps of a compiled XLA:CPU module go, op by op, from a `jax.profiler` trace.
+
+    `run()` runs the `steps` steps and waits for them; `compiled_text` is the module's
+    `compiled.as_text()`. The trace's events are matched to the module's instructions by name
+    (fusions, library calls such as YNNPACK's `ynn_fusion`, copies), so runtime events are left
+    out and so is every event of a backend whose trace names kernels rather than instructions
+    (GPUs: use their own profilers). Instructions are grouped by XLA's name without its number
+    and by the JAX operation they come from (the `op_name` metadata, block numbers folded to
+    `encoderblock_*`); `ms_per_step` is a group's summed duration per step, `share` its part
+    of all matched time and `shape` the output of its longest instruction. Ops overlap (XLA runs independent ones on the cores at once), so the
+    matched time per step (`op_ms_per_step`) can exceed the wall time (`wall_ms_per_step`)."""
+    shapes, op_names = {}, {}
+    for line in compiled_text.splitlines():
+        match = _HLO_OP.match(line)
+        if match:
+            shapes[match.group(1)] = match.group(2)
+            op = _OP_NAME.search(line)
+            op_names[match.group(1)] = re.sub(r"encoderblock_\d+", "encoderblock_*", op.group(1)) if op else ""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        start = time.perf_counter()
+        try:
+            run()
+        finally:
+            wall = time.perf_counter() - start
+            jax.profiler.stop_trace()
+        traces = sorted(pathlib.Path(trace_dir).rglob("*.trace.json.gz"))
+        if not traces:
+            raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {trace_dir}")
+        with gzip.open(traces[-1]) as f:
+            events = json.load(f)["traceEvents"]
+    groups: dict[tuple[str, str], dict] = {}
+    for event in events:
+        name = event.get("name", "")
+        if event.get("ph") != "X" or name not in shapes:
+            continue
+        key = (re.sub(r"\.\d+$", "", name), op_names[name])
+        group = groups.setdefault(key, {"op": key[0], "jax_op": key[1], "us": 0.0, "count": 0, "longest": -1.0})
+        group["us"] += event["dur"]
+        group["count"] += 1
+        if event["dur"] > group["longest"]:
+            group["longest"], group["shape"] = event["dur"], shapes[name]
+    total = sum(g["us"] for g in groups.values())
+    ranked = sorted(groups.values(), key=lambda g: -g["us"])[:top]
+    return {"steps": steps, "wall_ms_per_step": round(wall / steps * 1e3, 3),
+            "op_ms_per_step": round(total / steps / 1e3, 3),
+            "top": [{"op": g["op"], "jax_op": g["jax_op"], "shape": g["shape"],
+                     "ms_per_step": round(g["us"] / steps / 1e3, 3), "per_step": g["count"] / steps,
+                     "share": round(g["us"] / total, 4) if total else 0.0} for g in ranked]}
 
 
 # --- prepare ---------------------------------------------------------------------------------

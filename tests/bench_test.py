@@ -202,3 +202,39 @@ def test_heads_alternates_with_the_reference_and_reports_the_fastest_of_each(tmp
     # flops_per_s uses the unrounded time; "seconds" is rounded to 1 ms.
     assert result["flops_per_step"] > 0
     assert result["flops_per_s"] == pytest.approx(result["flops_per_step"] * 2 / result["seconds"], rel=0.15)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="matches XLA:CPU's trace events to its instructions")
+def test_op_profile_names_the_costliest_ops_of_a_step():
+    big, small = jax.numpy.ones((512, 512)), jax.numpy.ones((8, 8))
+    step = jax.jit(lambda a, b: (a @ a @ a, jax.numpy.tanh(b) * 2)).lower(big, small).compile()
+
+    def run():
+        for _ in range(4):
+            out = step(big, small)
+        jax.block_until_ready(out)
+    profile = perf.op_profile(run, step.as_text(), steps=4, top=2)
+    json.dumps(profile)
+    assert profile["steps"] == 4 and profile["wall_ms_per_step"] > 0 and len(profile["top"]) == 2
+    first = profile["top"][0]
+    # The two 512^3 products dominate; they are named after the JAX op they come from.
+    assert "dot_general" in first["jax_op"] and first["shape"].startswith("f32[512,512]")
+    assert first["per_step"] >= 1 and first["ms_per_step"] >= profile["top"][1]["ms_per_step"]
+    assert 0.5 < first["share"] <= 1
+    assert profile["op_ms_per_step"] >= first["ms_per_step"]
+
+
+def test_heads_profile_reports_the_steps_ops():
+    with flagsaver.as_parsed(examples="512", epochs="1", batch="256", profile_top="3"):
+        result = bench.bench_heads()
+    profile = result["profile"]
+    assert profile["steps"] == 2 and len(profile["top"]) == 3
+    assert any("Dense_0/dot_general" in op["jax_op"] for op in profile["top"]), profile
+
+
+def test_train_step_profile_reports_the_steps_ops():
+    with flagsaver.as_parsed(variant="mu/8", res="32", batch="8", steps="2", peak_n="256", profile_top="4"):
+        result = bench.bench_train_step()
+    profile = result["profile"]
+    assert profile["steps"] == 2 and len(profile["top"]) == 4
+    assert all(op["ms_per_step"] > 0 and op["shape"] for op in profile["top"]), profile
