@@ -1,10 +1,12 @@
-"""Compute benchmarks: the machine's peak matmul rate, the train step, and preparing a split.
+"""Compute benchmarks: the machine's peak matmul rate, the train step (and where its time goes), and
+preparing a split.
 
     from emonet_jax import perf
     peak = perf.measure_peak_flops()                        # {'peak_flops_per_s': ..., ...}
     config = perf.step_config("B/16", image_size=224, batch_size=8)
     result = perf.bench_train_step(config, steps=5, peak=peak)
     result = perf.bench_prepare(raw_dir, "hq", resolution=224, data_dir=empty_dir)   # parquet -> records
+    profile = perf.op_profile(run_steps, compiled.as_text(), steps=3)   # XLA:CPU's costliest ops
 
 `python -m emonet_jax.bench peak|train_step|prepare` prints them as JSON (see bench.py).
 
@@ -261,8 +263,9 @@ def op_profile(run: Callable[[], Any], compiled_text: str, steps: int, top: int 
     (GPUs: use their own profilers). Instructions are grouped by XLA's name without its number
     and by the JAX operation they come from (the `op_name` metadata, block numbers folded to
     `encoderblock_*`); `ms_per_step` is a group's summed duration per step, `share` its part
-    of all matched time and `shape` the output of its longest instruction. Ops overlap (XLA runs independent ones on the cores at once), so the
-    matched time per step (`op_ms_per_step`) can exceed the wall time (`wall_ms_per_step`)."""
+    of all matched time and `shape` the output of its longest instruction. Ops overlap (XLA
+    runs independent ones on the cores at once), so the matched time per step
+    (`op_ms_per_step`) can exceed the wall time (`wall_ms_per_step`)."""
     shapes, op_names = {}, {}
     for line in compiled_text.splitlines():
         match = _HLO_OP.match(line)
