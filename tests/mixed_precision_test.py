@@ -139,3 +139,35 @@ def test_a_bfloat16_vit_keeps_its_dense_products_on_the_cpu_fast_path():
     # like; flax's dot_product_attention is not routed through matmul), never a projection or MLP.
     ranks = [line.split("[")[1].split("]")[0].count(",") + 1 for line in off]
     assert off and all(rank == 4 for rank in ranks), off
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_is_nn_dense_with_a_float32_bias_gradient(dtype):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 50, 24)), jnp.float32)
+    ours = mp.Dense(40, dtype=dtype, bias_init=nn.initializers.normal(0.1))
+    flax_dense = nn.Dense(40, dtype=dtype, bias_init=nn.initializers.normal(0.1), dot_general=mp.dot_general)
+    params = ours.init(jax.random.key(1), x)
+    # The same parameter tree and initial values for the same rng: checkpoints and imports load as before.
+    assert tree.flatten(params).keys() == tree.flatten(flax_dense.init(jax.random.key(1), x)).keys()
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(flax_dense.init(jax.random.key(1), x))):
+        np.testing.assert_array_equal(a, b)
+    out = ours.apply(params, x)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, flax_dense.apply(params, x))
+
+    def grads(module):
+        return jax.grad(lambda p: jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32))))(params)["params"]
+    ours_grads, flax_grads = grads(ours), grads(flax_dense)
+    np.testing.assert_array_equal(ours_grads["kernel"], flax_grads["kernel"])
+    exact = jnp.sum(jnp.cos(out.astype(jnp.float32)), (0, 1))     # d/d bias, summed in float32
+    rounding = 0 if dtype == jnp.float32 else 2.0 ** -8           # one bfloat16 rounding of the sum
+    np.testing.assert_allclose(ours_grads["bias"], exact, rtol=rounding + 1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's tree-reduction rewrite")
+def test_a_bfloat16_dense_gradient_sums_its_bias_without_a_reduce_window():
+    x = jnp.ones((8, 196, 64), jnp.float32)
+    layer = mp.Dense(256, dtype=jnp.bfloat16)
+    params = layer.init(jax.random.key(0), x)
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2)))
+    assert "reduce-window" not in grad.lower(params).compile().as_text()

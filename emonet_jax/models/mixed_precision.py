@@ -5,6 +5,7 @@
     y = mp.matmul(a, b, dtype=jnp.float32)   # the same products with float32 operands
     t = mp.transpose(x)                      # x [..., M, N] -> [..., N, M], a real copy on CPU
     nn.Dense(features, dot_general=mp.dot_general)    # a Flax layer's products through matmul
+    mp.Dense(features, dtype=jnp.bfloat16)            # nn.Dense's parameters; products and bias gradient fast
 
 Why: on a CPU with AMX (Sapphire Rapids and later) XLA hands a dot to YNNPACK only when both
 operands are row-major in the canonical form: lhs [batch..., M, K] contracting its last axis,
@@ -44,7 +45,10 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Callable
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -141,6 +145,46 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     k = math.prod(rhs.shape[:n])
     y = matmul(lhs.reshape(math.prod(free), k), rhs.reshape(k, math.prod(out)), lhs.dtype)
     return y.reshape(free + out).astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+@jax.custom_vjp
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """y [..., N] + bias [N], whose bias gradient is summed in float32 whatever the dtypes.
+
+    Autodiff of a plain bfloat16 `y + bias` sums the cotangent in bfloat16; XLA:CPU gives that
+    sum a reducer that adds in float32 and rounds, which YNNPACK declines, and its
+    tree-reduction rewrite then turns the sum into a `reduce-window` that took ~30 ms for
+    [8, 196, 3072] (a float32 sum of the same array: ~1 ms). BENCHMARKS.md "Train step"."""
+    return y + bias
+
+
+def _add_bias_fwd(y, bias):
+    return y + bias, None
+
+
+def _add_bias_bwd(_, g):
+    return g, jnp.sum(g, tuple(range(g.ndim - 1)), dtype=jnp.float32).astype(g.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class Dense(nn.Module):
+    """`flax.linen.Dense`'s parameters (`kernel` [in, features], `bias` [features]), initialisers
+    and result, with its product through `dot_general` and its bias through `add_bias`: a
+    drop-in whose parameter tree (and initial values, for the same rng) are nn.Dense's."""
+    features: int
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return add_bias(dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))), bias)
 
 
 def dots_off_fast_path(compiled_hlo: str) -> list[str]:

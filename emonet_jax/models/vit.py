@@ -102,9 +102,9 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         width = x.shape[-1]
-        dense = lambda n: nn.Dense(n, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                                   bias_init=nn.initializers.normal(stddev=1e-6),
-                                   dot_general=mixed_precision.dot_general)
+        # nn.Dense's parameters, with the bias gradient summed in float32 (mixed_precision.add_bias).
+        dense = lambda n: mixed_precision.Dense(n, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+                                                bias_init=nn.initializers.normal(stddev=1e-6))
         x = nn.gelu(dense(self.mlp_dim)(x))
         x = nn.Dropout(self.dropout)(x, deterministic)
         return dense(width)(x)
