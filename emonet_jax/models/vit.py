@@ -121,8 +121,11 @@ class Encoder1DBlock(nn.Module):
     def __call__(self, x, deterministic: bool = True):
         y = nn.LayerNorm(dtype=self.dtype)(x)
         fused = dict(attention_fn=cudnn_attention) if self.attention == "cudnn" else {}
+        # Softmax in float32: a bfloat16 one's sums over the keys become slow reduce-windows on
+        # XLA:CPU (BENCHMARKS.md "Train step"); cuDNN's attention_fn is not given the flag.
         y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
                                             kernel_init=nn.initializers.xavier_uniform(),
+                                            force_fp32_for_softmax=True,
                                             deterministic=deterministic, **_PROJECTIONS, **fused)(y, y)
         x = x + nn.Dropout(self.dropout)(y, deterministic)
         y = nn.LayerNorm(dtype=self.dtype)(x)
