@@ -3,7 +3,7 @@
 The published model is 40 separate MLPs, one per emotion, each mapping a 1152-d SigLIP2
 So400m pooled embedding to a 0-7 intensity (Small: 1152->128->32->1, Large:
 1152->1024->512->256->1, ReLU + dropout). Here the 40 MLPs are one module whose parameters
-carry a leading axis of 40 (`StackedDense`), so all heads train in one jitted step:
+carry an axis of 40 (`SharedInputDense`, `StackedDense`), so all heads train in one jitted step:
 
     model = heads.Heads(hidden=heads.VARIANTS["small"], dropout=0.1)
     params = model.init(jax.random.key(0), jnp.zeros((1, 1152)))["params"]
