@@ -141,11 +141,21 @@ def test_a_bfloat16_vit_keeps_its_dense_products_on_the_cpu_fast_path():
     assert off and all(rank == 4 for rank in ranks), off
 
 
+# (our layer, Flax's, input shape): nn.Dense, and nn.DenseGeneral contracting two axes into two.
+DENSE_LAYERS = {
+    "dense": (lambda **kw: mp.Dense(40, **kw), lambda **kw: nn.Dense(40, **kw), (4, 50, 24)),
+    "dense_general": (lambda **kw: mp.Dense((5, 8), axis=(-2, -1), **kw),
+                      lambda **kw: nn.DenseGeneral((5, 8), axis=(-2, -1), **kw), (4, 50, 6, 4)),
+}
+
+
+@pytest.mark.parametrize("layer", DENSE_LAYERS.values(), ids=DENSE_LAYERS.keys())
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dense_is_nn_dense_with_a_float32_bias_gradient(dtype):
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 50, 24)), jnp.float32)
-    ours = mp.Dense(40, dtype=dtype, bias_init=nn.initializers.normal(0.1))
-    flax_dense = nn.Dense(40, dtype=dtype, bias_init=nn.initializers.normal(0.1), dot_general=mp.dot_general)
+def test_dense_is_flax_dense_with_a_float32_bias_gradient(layer, dtype):
+    make_ours, make_flax, shape = layer
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    kw = dict(dtype=dtype, bias_init=nn.initializers.normal(0.1))
+    ours, flax_dense = make_ours(**kw), make_flax(dot_general=mp.dot_general, **kw)
     params, flax_params = ours.init(jax.random.key(1), x), flax_dense.init(jax.random.key(1), x)
     # The same parameter tree and initial values for the same rng: checkpoints and imports load as before.
     assert tree.flatten(params).keys() == tree.flatten(flax_params).keys()
@@ -159,15 +169,36 @@ def test_dense_is_nn_dense_with_a_float32_bias_gradient(dtype):
         return jax.grad(lambda p: jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32))))(params)["params"]
     ours_grads, flax_grads = grads(ours), grads(flax_dense)
     np.testing.assert_array_equal(ours_grads["kernel"], flax_grads["kernel"])
-    exact = jnp.sum(jnp.cos(out.astype(jnp.float32)), (0, 1))     # d/d bias, summed in float32
+    bias_ndim = params["params"]["bias"].ndim
+    exact = jnp.sum(jnp.cos(out.astype(jnp.float32)), tuple(range(out.ndim - bias_ndim)))  # summed in float32
     rounding = 0 if dtype == jnp.float32 else 2.0 ** -8           # one bfloat16 rounding of the sum
     np.testing.assert_allclose(ours_grads["bias"], exact, rtol=rounding + 1e-5, atol=1e-5)
 
 
+def test_dense_names_what_it_cannot_contract():
+    with pytest.raises(ValueError, match=r"trailing input axes only; got axis=\(0,\) for input \(3, 4\)"):
+        mp.Dense(5, axis=(0,)).init(jax.random.key(0), jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"does not end with the bias's shape \(5,\)"):
+        mp.add_bias(jnp.ones((3, 4)), jnp.ones(5))
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's tree-reduction rewrite")
-def test_a_bfloat16_dense_gradient_sums_its_bias_without_a_reduce_window():
-    x = jnp.ones((8, 196, 64), jnp.float32)
-    layer = mp.Dense(256, dtype=jnp.bfloat16)
-    params = layer.init(jax.random.key(0), x)
-    grad = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2)))
-    assert "reduce-window" not in grad.lower(params).compile().as_text()
+@pytest.mark.parametrize("layer", ["dense", "attention"])
+def test_bfloat16_gradients_sum_their_biases_without_a_reduce_window(layer):
+    """Flax's bfloat16 layers' gradients at these shapes have reduce-windows (their bias sums);
+    ours have none."""
+    from emonet_jax.models import vit
+    x = jnp.ones((8, 196, 256), jnp.float32)
+    if layer == "dense":
+        ours, flax_layer, inputs = mp.Dense(256, dtype=jnp.bfloat16), nn.Dense(256, dtype=jnp.bfloat16), (x,)
+    else:
+        ours = vit.Attention(4, jnp.bfloat16)
+        flax_layer = nn.MultiHeadDotProductAttention(num_heads=4, dtype=jnp.bfloat16, force_fp32_for_softmax=True)
+        inputs = (x, x)
+
+    def compiled_gradient(module):
+        params = module.init(jax.random.key(0), *inputs)
+        grad = jax.jit(jax.grad(lambda p: jnp.sum(module.apply(p, *inputs).astype(jnp.float32) ** 2)))
+        return grad.lower(params).compile().as_text()
+    assert "reduce-window" in compiled_gradient(flax_layer)
+    assert "reduce-window" not in compiled_gradient(ours)

@@ -165,6 +165,39 @@ def test_bfloat16_compute_keeps_float32_parameters():
     np.testing.assert_allclose(out["embedding"].astype(np.float32), full["embedding"], atol=0.1)
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+@pytest.mark.parametrize("queries", [5, 1], ids=["self", "probe"])
+def test_attention_is_flax_attention(dtype, tolerance, queries):
+    """vit.Attention has nn.MultiHeadDotProductAttention's parameters, initial values, results
+    and gradients (self-attention as in the blocks, and a single query as in the MAP head)."""
+    import flax.linen as nn
+    inputs_kv = jax.random.normal(jax.random.key(0), (2, 5, 32))
+    inputs_q = inputs_kv if queries == 5 else jax.random.normal(jax.random.key(1), (2, 1, 32))
+    ours = vit.Attention(num_heads=4, dtype=dtype)
+    flax_attention = nn.MultiHeadDotProductAttention(num_heads=4, dtype=dtype, force_fp32_for_softmax=True,
+                                                     kernel_init=nn.initializers.xavier_uniform())
+    params = ours.init(jax.random.key(2), inputs_q, inputs_kv)
+    flax_params = flax_attention.init(jax.random.key(2), inputs_q, inputs_kv)
+    assert tree.flatten(params).keys() == tree.flatten(flax_params).keys()
+    for path, leaf in tree.flatten(flax_params).items():
+        np.testing.assert_array_equal(tree.flatten(params)[path], leaf, err_msg=path)
+    want = flax_attention.apply(params, inputs_q, inputs_kv)
+    got = ours.apply(params, inputs_q, inputs_kv)
+    assert got.dtype == want.dtype == dtype
+
+    def relative(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert relative(got, want) < tolerance
+    loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply(p, inputs_q, inputs_kv).astype(jnp.float32)))  # noqa: E731
+    want_grads, got_grads = (tree.flatten(jax.grad(loss(m))(params)) for m in (flax_attention, ours))
+    # Measured against the largest gradient: the key bias's is zero in exact arithmetic (softmax
+    # ignores a shift shared by all keys), so both layers give rounding noise there.
+    scale = max(np.abs(leaf).max() for leaf in want_grads.values())
+    for path, leaf in want_grads.items():
+        assert np.abs(np.asarray(got_grads[path], np.float64) - leaf).max() <= tolerance * scale, path
+
+
 @pytest.mark.parametrize("tokens", [9, 10])
 def test_even_length_attention_equals_flax_attention(tokens):
     """The padding that lets cuDNN take an odd token count changes neither values nor gradients

@@ -6,6 +6,7 @@
     t = mp.transpose(x)                      # x [..., M, N] -> [..., N, M], a real copy on CPU
     nn.Dense(features, dot_general=mp.dot_general)    # a Flax layer's products through matmul
     mp.Dense(features, dtype=jnp.bfloat16)            # nn.Dense's parameters; products and bias gradient fast
+    mp.Dense((heads, head_dim))                       # nn.DenseGeneral's, the same way
 
 Why: on a CPU with AMX (Sapphire Rapids and later) XLA hands a dot to YNNPACK only when both
 operands are row-major in the canonical form: lhs [batch..., M, K] contracting its last axis,
@@ -45,7 +46,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -147,33 +148,45 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     return y.reshape(free + out).astype(preferred_element_type or jnp.result_type(lhs, rhs))
 
 
-@jax.custom_vjp
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
-    """y [..., N] + bias [N], whose bias gradient is summed in float32 whatever the dtypes.
+    """y [..., *bias.shape] + bias, whose bias gradient is summed in float32 whatever the dtypes.
 
     Autodiff of a plain bfloat16 `y + bias` sums the cotangent in bfloat16; XLA:CPU gives that
     sum a reducer that adds in float32 and rounds, which YNNPACK declines, and its
     tree-reduction rewrite then turns the sum into a `reduce-window` that took ~30 ms for
     [8, 196, 3072] (a float32 sum of the same array: ~1 ms). BENCHMARKS.md "Train step"."""
+    if y.shape[y.ndim - bias.ndim:] != bias.shape:
+        raise ValueError(f"add_bias: y {y.shape} does not end with the bias's shape {bias.shape}")
+    return _add_bias(y, bias, bias.ndim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _add_bias(y, bias, bias_ndim):
     return y + bias
 
 
-def _add_bias_fwd(y, bias):
+def _add_bias_fwd(y, bias, bias_ndim):
     return y + bias, None
 
 
-def _add_bias_bwd(_, g):
-    return g, jnp.sum(g, tuple(range(g.ndim - 1)), dtype=jnp.float32).astype(g.dtype)
+def _add_bias_bwd(bias_ndim, _, g):
+    # Summed as [rows, bias size] over its rows: a sum over several leading axes of a 4-d
+    # cotangent (attention's [batch, tokens, heads, head_dim]) was again a reduce-window.
+    bias_shape = g.shape[g.ndim - bias_ndim:]
+    rows = g.reshape(-1, math.prod(bias_shape))
+    return g, jnp.sum(rows, 0, dtype=jnp.float32).astype(g.dtype).reshape(bias_shape)
 
 
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 class Dense(nn.Module):
-    """`flax.linen.Dense`'s parameters (`kernel` [in, features], `bias` [features]), initialisers
-    and result, with its product through `dot_general` and its bias through `add_bias`: a
-    drop-in whose parameter tree (and initial values, for the same rng) are nn.Dense's."""
-    features: int
+    """`flax.linen.Dense` (int `features`) or `flax.linen.DenseGeneral` (a tuple of `features`,
+    and `axis` naming trailing input axes) with its product through `dot_general` and its bias
+    through `add_bias`: a drop-in whose parameter tree and initial values (for the same rng)
+    are Flax's, as are its results; only the speed of its bfloat16 gradient differs."""
+    features: int | Sequence[int]
+    axis: int | Sequence[int] = -1
     dtype: Any = None
     param_dtype: Any = jnp.float32
     kernel_init: Callable = nn.initializers.lecun_normal()
@@ -181,10 +194,19 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axes = sorted({a % x.ndim for a in ((self.axis,) if isinstance(self.axis, int) else self.axis)})
+        if axes != list(range(x.ndim - len(axes), x.ndim)):
+            raise ValueError(f"Dense contracts trailing input axes only; got axis={self.axis} for input {x.shape}")
+        contracted = x.shape[x.ndim - len(axes):]
+        # DenseGeneral's initialisation: the initialiser sees the kernel as [inputs, outputs].
+        flat_init = lambda init, flat: lambda rng, shape, dtype: init(rng, flat, dtype).reshape(shape)  # noqa: E731
+        kernel = self.param("kernel", flat_init(self.kernel_init, (math.prod(contracted), math.prod(features))),
+                            contracted + features, self.param_dtype)
+        bias = self.param("bias", flat_init(self.bias_init, (math.prod(features),)), features, self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return add_bias(dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))), bias)
+        contract = (tuple(range(x.ndim - len(axes), x.ndim)), tuple(range(len(axes))))
+        return add_bias(dot_general(x, kernel, (contract, ((), ()))), bias)
 
 
 def dots_off_fast_path(compiled_hlo: str) -> list[str]:

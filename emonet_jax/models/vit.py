@@ -18,7 +18,9 @@ leading depth axis (big_vision's scanned layout): compiles in constant time in t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -62,10 +64,6 @@ def parse_variant(variant: str) -> tuple[Size, int]:
     return SIZES[match["size"]], int(match["patch"])
 
 
-# Attention's query/key/value/out projections through mixed_precision.dot_general: with
-# bfloat16 compute their gradients stay on XLA:CPU's AMX path (a plain dot_general's do not).
-_PROJECTIONS = dict(qkv_dot_general=mixed_precision.dot_general, out_dot_general=mixed_precision.dot_general)
-
 # How the encoder blocks compute softmax(q·k)·v: 'xla' is Flax's own (two einsums and a softmax,
 # any platform and dtype); 'cudnn' is cuDNN's fused (flash) attention on an NVIDIA GPU, which
 # never writes the [heads, tokens, tokens] weights to memory (bfloat16 compute only). The MAP
@@ -73,10 +71,8 @@ _PROJECTIONS = dict(qkv_dot_general=mixed_precision.dot_general, out_dot_general
 ATTENTION = ("xla", "cudnn")
 
 
-def cudnn_attention(query, key, value, mask=None, dropout_rate=0.0, deterministic=True):
-    """A Flax `attention_fn` (inputs [batch, tokens, heads, head_dim]) through cuDNN."""
-    if mask is not None or (dropout_rate and not deterministic):
-        raise ValueError("attention='cudnn' supports neither masks nor attention dropout")
+def cudnn_attention(query, key, value):
+    """`Attention`'s attention_fn (inputs [batch, tokens, heads, head_dim]) through cuDNN."""
     return even_length_attention(query, key, value, implementation="cudnn")
 
 
@@ -92,6 +88,37 @@ def even_length_attention(query, key, value, implementation=None):
     out = jax.nn.dot_product_attention(pad(query), pad(key), pad(value), query_seq_lengths=lengths,
                                        key_value_seq_lengths=lengths, implementation=implementation)
     return out[:, :tokens]
+
+
+class Attention(nn.Module):
+    """`nn.MultiHeadDotProductAttention` without masks or attention dropout: its parameters
+    (query/key/value [width, heads, head_dim], out [heads, head_dim, width], each with a bias),
+    its initial values for the same rng and its results, with every projection a
+    `mixed_precision.Dense` (products on XLA:CPU's fast path, bias gradients summed in float32)
+    and the softmax in float32 (a bfloat16 one's sums over the keys are slow reduce-windows on
+    XLA:CPU; BENCHMARKS.md "Train step"). `attention_fn` (None: Flax's `dot_product_attention`)
+    maps query, key, value [batch, tokens, heads, head_dim] to the same shape, e.g.
+    `cudnn_attention`."""
+    num_heads: int
+    dtype: Any = jnp.float32
+    attention_fn: Callable | None = None
+
+    @nn.compact
+    def __call__(self, inputs_q, inputs_kv):
+        width = inputs_q.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"attention width {width} is not a multiple of num_heads={self.num_heads}")
+        project = functools.partial(mixed_precision.Dense, dtype=self.dtype,
+                                    kernel_init=nn.initializers.xavier_uniform())
+        heads = (self.num_heads, width // self.num_heads)
+        q = project(heads, name="query")(inputs_q)
+        k = project(heads, name="key")(inputs_kv)
+        v = project(heads, name="value")(inputs_kv)
+        if self.attention_fn is None:
+            y = nn.dot_product_attention(q, k, v, dtype=self.dtype, force_fp32_for_softmax=True)
+        else:
+            y = self.attention_fn(q, k, v)
+        return project(width, axis=(-2, -1), name="out")(y)
 
 
 class MlpBlock(nn.Module):
@@ -120,13 +147,9 @@ class Encoder1DBlock(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         y = nn.LayerNorm(dtype=self.dtype)(x)
-        fused = dict(attention_fn=cudnn_attention) if self.attention == "cudnn" else {}
-        # Softmax in float32: a bfloat16 one's sums over the keys become slow reduce-windows on
-        # XLA:CPU (BENCHMARKS.md "Train step"); cuDNN's attention_fn is not given the flag.
-        y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
-                                            kernel_init=nn.initializers.xavier_uniform(),
-                                            force_fp32_for_softmax=True,
-                                            deterministic=deterministic, **_PROJECTIONS, **fused)(y, y)
+        fused = cudnn_attention if self.attention == "cudnn" else None
+        # Named as Flax's layer was, which checkpoints and the importers (pretrained.py) use.
+        y = Attention(self.num_heads, self.dtype, fused, name="MultiHeadDotProductAttention_0")(y, y)
         x = x + nn.Dropout(self.dropout)(y, deterministic)
         y = nn.LayerNorm(dtype=self.dtype)(x)
         y = MlpBlock(self.mlp_dim, self.dropout, self.dtype)(y, deterministic)
@@ -180,8 +203,7 @@ class MAPHead(nn.Module):
         batch, _, width = x.shape
         probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width), jnp.float32)
         probe = jnp.tile(probe, (batch, 1, 1)).astype(self.dtype)
-        x = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
-                                            kernel_init=nn.initializers.xavier_uniform(), **_PROJECTIONS)(probe, x)
+        x = Attention(self.num_heads, self.dtype, name="MultiHeadDotProductAttention_0")(probe, x)
         y = nn.LayerNorm(dtype=self.dtype)(x)
         x = x + MlpBlock(self.mlp_dim, dtype=self.dtype)(y)
         return x[:, 0]
