@@ -200,17 +200,21 @@ def make_train_step(trainer: Trainer):
     def step(state, batch):
         rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
         loss, sums, grads, counts = gradients(state["params"], batch, rng)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
         # A non-finite step is not applied: the state stays the last good one, and the host
-        # stops the run at its next check, naming the step recorded here.
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        # stops the run at its next check, naming the step recorded here. A cond rather than a
+        # select between old and new state: the select kept the old state alive beside the new
+        # one, which cost a copy of every parameter and moment each step.
+        params, opt_state = jax.lax.cond(finite, update, lambda *state: state, state["params"], state["opt_state"])
         new_state = {
             "step": state["step"] + 1,
-            "params": keep(params, state["params"]),
-            "opt_state": keep(opt_state, state["opt_state"]),
+            "params": params,
+            "opt_state": opt_state,
             "first_bad_step": jnp.where((state["first_bad_step"] < 0) & ~finite, state["step"],
                                         state["first_bad_step"]),
         }
