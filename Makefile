@@ -34,7 +34,7 @@ torch-venv: $(TORCH_VENV)/.installed
 
 $(TORCH_VENV)/.installed:
 	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
-	$(TORCH_VENV)/bin/python -m pip install --quiet --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+	$(TORCH_VENV)/bin/python -m pip install --quiet --retries 0 --timeout 10 --extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 	touch $@
 
 clean:
