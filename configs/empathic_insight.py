@@ -62,7 +62,8 @@ def get_config(arg: str | None = None):
     # Operand dtype of the heads' products while training (float32 accumulation; parameters,
     # embeddings, optimizer and evaluation stay float32). bfloat16 gave the float32 loss curves
     # to 4 digits and trains several times faster on CPUs with AMX (Sapphire Rapids+), GPUs and
-    # TPUs; use float32 on a CPU without bf16 units (no amx_bf16 / avx512_bf16 in its flags).
+    # TPUs, 1.6x faster on AVX-512 BF16 (Zen 4; BENCHMARKS.md "Heads"); use float32 on a CPU
+    # without bf16 units (no amx_bf16 / avx512_bf16 in its flags).
     c.model.compute_dtype = "bfloat16"
 
     c.data = ml_collections.ConfigDict()
