@@ -347,15 +347,8 @@ def bench_heads() -> dict:
         result["flops_per_step"] = analysis["flops"]
         result["flops_per_s"] = round(analysis["flops"] * steps / best["seconds"])
     if FLAGS.profile_top:
-        state = fresh_state()
-        epoch = heads_train.epoch_batches(n, batch, 0, 0, 0)
-
-        def run_epoch():
-            nonlocal state
-            for rows, valid in epoch:
-                state, _ = step(state, data, rows, valid)
-            jax.block_until_ready(state)
-        result["profile"] = perf.op_profile(run_epoch, step.as_text(), len(epoch), FLAGS.profile_top)
+        epoch = [(data, rows, valid) for rows, valid in heads_train.epoch_batches(n, batch, 0, 0, 0)]
+        result["profile"] = perf.profile_steps(step, fresh_state(), epoch, FLAGS.profile_top)
     if references:
         fastest = min(references, key=lambda r: r["seconds"])
         result["reference"] = {**fastest, "seconds_each": [round(r["seconds"], 3) for r in references]}

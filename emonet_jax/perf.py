@@ -6,7 +6,7 @@ preparing a split.
     config = perf.step_config("B/16", image_size=224, batch_size=8)
     result = perf.bench_train_step(config, steps=5, peak=peak)
     result = perf.bench_prepare(raw_dir, "hq", resolution=224, data_dir=empty_dir)   # parquet -> records
-    profile = perf.op_profile(run_steps, compiled.as_text(), steps=3)   # XLA:CPU's costliest ops
+    profile = perf.profile_steps(compiled_step, state, [(batch,)] * 3)  # XLA:CPU's costliest ops
 
 `python -m emonet_jax.bench peak|train_step|prepare` prints them as JSON (see bench.py).
 
@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -221,12 +221,7 @@ def bench_train_step(config, steps: int, warmup: int = 1, peak: dict | None = No
     if peak:
         result.update(against_peak(result, peak, devices))
     if profile_top:
-        def run():
-            nonlocal state
-            for _ in range(steps):
-                state, _ = compiled(state, batch)
-            jax.block_until_ready(state)
-        result["profile"] = op_profile(run, compiled.as_text(), steps, profile_top)
+        result["profile"] = profile_steps(compiled, state, [(batch,)] * steps, profile_top)
     return result
 
 
@@ -251,6 +246,17 @@ def against_peak(result: dict, peak: dict, devices: int) -> dict:
 
 _HLO_OP = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) [\w\-]+\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def profile_steps(compiled, state, step_args: Sequence[tuple], top: int = 20) -> dict:
+    """`op_profile` of `state, _ = compiled(state, *args)` for each `args` in `step_args`, the
+    state threaded from step to step (a train step that donates it)."""
+    def run():
+        nonlocal state
+        for args in step_args:
+            state, _ = compiled(state, *args)
+        jax.block_until_ready(state)
+    return op_profile(run, compiled.as_text(), len(step_args), top)
 
 
 def op_profile(run: Callable[[], Any], compiled_text: str, steps: int, top: int = 20) -> dict:

@@ -205,7 +205,7 @@ class Dense(nn.Module):
                             contracted + features, self.param_dtype)
         bias = self.param("bias", flat_init(self.bias_init, (math.prod(features),)), features, self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        contract = (tuple(range(x.ndim - len(axes), x.ndim)), tuple(range(len(axes))))
+        contract = (tuple(axes), tuple(range(len(axes))))
         return add_bias(dot_general(x, kernel, (contract, ((), ()))), bias)
 
 
