@@ -5,6 +5,7 @@
     python -m emonet_jax.bench heads [--variant=small --examples=20000 --epochs=3 --batch=256
                                       --reference=.venv-torch/bin/python --heads_repeats=1]
     python -m emonet_jax.bench peak [--dtype=float32 --peak_n=0]
+    python -m emonet_jax.bench attention [--variant=B/16 --res=224 --batch=8 --steps=10 --dtype=bfloat16]
     python -m emonet_jax.bench train_step [--variant=B/16 --res=224 --batch=8 --steps=5 --warmup=1
                                            --dtype=float32 --remat=false --scan=false --attention=xla]
     python -m emonet_jax.bench prepare [--prepare_dataset=hq --images=64 --image_size=224]
@@ -51,6 +52,12 @@ analysis, `fraction_of_peak` and `floor_step_s` = FLOPs / peak); and images/s an
 a TFDS build of --images synthetic 1024 px originals in a subprocess of its own, with the bytes
 on disk of the records it wrote and of the PNG originals it read. The PyTorch
 baseline of `train_step` is `benchmarks/torch_vit_step.py` (same flags, same JSON keys).
+
+`attention`: milliseconds of one encoder block's softmax(q·kᵀ/√d)·v for the variant at --res
+(random q, k, v), forward and forward + backward, of the blocks' own
+`mixed_precision.dot_product_attention` and of Flax's `dot_product_attention` (float32 softmax),
+the median of --steps runs each, taking turns; `*_speedup` = Flax's time / ours, and
+`*_max_abs_difference` the largest difference between their outputs (gradients).
 
 `image_bytes`: the mean size of one stored record image (the builders' own
 `sources.encode_image`: centre crop, resize, JPEG) at every builder resolution, and the
@@ -366,6 +373,18 @@ def bench_peak() -> dict:
             "cpus": os.cpu_count(), "load_avg_1min_at_start": round(os.getloadavg()[0], 2)}
 
 
+ATTENTION = {"variant": "B/16", "batch": 8, "steps": 10, "compute_dtype": "bfloat16"}  # attention: flag defaults
+
+
+def bench_attention() -> dict:
+    from emonet_jax import perf
+    given = {name: FLAGS[name].value if FLAGS[name].present else default for name, default in ATTENTION.items()}
+    load = os.getloadavg()[0]
+    result = perf.bench_attention(given["variant"], FLAGS.image_size, given["batch"], given["compute_dtype"],
+                                  given["steps"])
+    return {"benchmark": "attention", **result, "cpus": os.cpu_count(), "load_avg_1min_at_start": round(load, 2)}
+
+
 def bench_train_step() -> dict:
     from emonet_jax import perf
     given = {name: FLAGS[name].value if FLAGS[name].present else default for name, default in TRAIN_STEP.items()}
@@ -456,7 +475,7 @@ def bench_image_bytes() -> dict:
 
 
 BENCHMARKS = {"pipeline": bench_pipeline, "agreement": bench_agreement, "heads": bench_heads,
-              "peak": bench_peak, "train_step": bench_train_step, "prepare": bench_prepare,
+              "peak": bench_peak, "attention": bench_attention, "train_step": bench_train_step, "prepare": bench_prepare,
               "image_bytes": bench_image_bytes}
 
 

@@ -5,10 +5,11 @@ preparing a split.
     peak = perf.measure_peak_flops()                        # {'peak_flops_per_s': ..., ...}
     config = perf.step_config("B/16", image_size=224, batch_size=8)
     result = perf.bench_train_step(config, steps=5, peak=peak)
+    result = perf.bench_attention("B/16", image_size=224, batch_size=8)  # one block's attention, ours vs Flax
     result = perf.bench_prepare(raw_dir, "hq", resolution=224, data_dir=empty_dir)   # parquet -> records
     profile = perf.profile_steps(compiled_step, state, [(batch,)] * 3)  # XLA:CPU's costliest ops
 
-`python -m emonet_jax.bench peak|train_step|prepare` prints them as JSON (see bench.py).
+`python -m emonet_jax.bench peak|attention|train_step|prepare` prints them as JSON (see bench.py).
 
 The train step is the trainer's own (`train.build` + `train.make_train_step`: sharded, state
 donated) on random images and labels. Its FLOPs are XLA's count for the global batch: the cost
@@ -104,6 +105,47 @@ def measure_peak_flops(n: int | None = None, dtype: str = "float32", repeats: in
     return {"peak_flops_per_s": 2 * n ** 3 * iterations / best, "matmul_n": n, "matmul_dtype": str(a.dtype),
             "matmul_iterations": iterations, "matmul_best_s": best, "device_kind": device.device_kind,
             "platform": device.platform}
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+def bench_attention(variant: str, image_size: int, batch_size: int, dtype: str = "bfloat16", steps: int = 10) -> dict:
+    """Milliseconds of one encoder block's attention (softmax(q·kᵀ/√d)·v on random q, k, v
+    [batch, tokens, heads, head_dim] of the variant at `image_size`), forward and forward +
+    backward, for `mixed_precision.dot_product_attention` (the blocks' own) and for
+    `flax.linen.dot_product_attention(force_fp32_for_softmax=True)` (what they used before):
+    the median of `steps` runs each, the two taking turns run by run, with the largest
+    difference between their outputs and gradients."""
+    import flax.linen as nn
+    size, patch = vit.parse_variant(variant)
+    shape = (batch_size, (image_size // patch) ** 2, size.num_heads, size.width // size.num_heads)
+    q, k, v, g = (jax.random.normal(jax.random.key(i), shape).astype(dtype) for i in range(4))
+    implementations = {
+        "ours": mixed_precision.dot_product_attention,
+        "flax": lambda q, k, v: nn.dot_product_attention(q, k, v, dtype=q.dtype, force_fp32_for_softmax=True),
+    }
+    programs = {}
+    for name, attention in implementations.items():
+        loss = lambda q, k, v, attention=attention: jax.numpy.vdot(attention(q, k, v).astype(np.float32), g.astype(np.float32))  # noqa: E731
+        programs[name, "forward"] = jax.jit(attention).lower(q, k, v).compile()
+        programs[name, "forward_backward"] = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+    outputs = {key: jax.block_until_ready(program(q, k, v)) for key, program in programs.items()}
+    seconds: dict[tuple, list] = {key: [] for key in programs}
+    for _ in range(steps):
+        for key, program in programs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(program(q, k, v))
+            seconds[key].append(time.perf_counter() - start)
+    result = {"variant": variant, "image_size": image_size, "batch": batch_size, "dtype": str(q.dtype),
+              "shape": list(shape), "steps": steps, "device_kind": jax.devices()[0].device_kind}
+    for (name, pass_), times in seconds.items():
+        result[f"{name}_{pass_}_ms"] = float(np.median(times)) * 1e3
+    for pass_ in ("forward", "forward_backward"):
+        result[f"{pass_}_speedup"] = result[f"flax_{pass_}_ms"] / result[f"ours_{pass_}_ms"]
+        ours, flax = (jax.tree.leaves(outputs[name, pass_]) for name in ("ours", "flax"))
+        result[f"{pass_}_max_abs_difference"] = max(
+            float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)))) for a, b in zip(ours, flax))
+    return result
 
 
 # --- train step ------------------------------------------------------------------------------

@@ -96,6 +96,16 @@ def test_train_step_reports_speed_flops_and_the_floor():
     assert "datasheet_peak_flops_per_s" not in result                    # unknown for a CPU
 
 
+def test_attention_times_ours_and_flaxs_and_compares_their_values():
+    with flagsaver.as_parsed(variant="mu/8", res="32", batch="2", steps="2"):
+        result = bench.bench_attention()
+    json.dumps(result)
+    assert result["benchmark"] == "attention" and result["shape"] == [2, 16, 2, 16] and result["dtype"] == "bfloat16"
+    for pass_ in ("forward", "forward_backward"):
+        assert result[f"{pass_}_speedup"] == pytest.approx(result[f"flax_{pass_}_ms"] / result[f"ours_{pass_}_ms"])
+        assert 0 <= result[f"{pass_}_max_abs_difference"] < 0.05          # bfloat16 rounding apart
+
+
 def test_pipeline_reports_the_rate_of_records_originals_and_rows_held_in_memory(tmp_path):
     with flagsaver.as_parsed(images="4", image_size="64", batch="2", steps="3", threads="1", cache=str(tmp_path)):
         result = bench.bench_pipeline()

@@ -64,8 +64,8 @@ def parse_variant(variant: str) -> tuple[Size, int]:
     return SIZES[match["size"]], int(match["patch"])
 
 
-# How the encoder blocks compute softmax(q·k)·v: 'xla' is Flax's own (two einsums and a softmax,
-# any platform and dtype); 'cudnn' is cuDNN's fused (flash) attention on an NVIDIA GPU, which
+# How the encoder blocks compute softmax(q·k)·v: 'xla' is `mixed_precision.dot_product_attention`
+# (XLA ops, any platform and dtype, its products on XLA:CPU's fast path); 'cudnn' is cuDNN's fused (flash) attention on an NVIDIA GPU, which
 # never writes the [heads, tokens, tokens] weights to memory (bfloat16 compute only). The MAP
 # head's single-query attention always uses 'xla'.
 ATTENTION = ("xla", "cudnn")
@@ -96,9 +96,9 @@ class Attention(nn.Module):
     its initial values for the same rng and its results, with every projection a
     `mixed_precision.Dense` (products on XLA:CPU's fast path, bias gradients summed in float32)
     and the softmax in float32 (a bfloat16 one's sums over the keys are slow reduce-windows on
-    XLA:CPU; BENCHMARKS.md "Train step"). `attention_fn` (None: Flax's `dot_product_attention`)
-    maps query, key, value [batch, tokens, heads, head_dim] to the same shape, e.g.
-    `cudnn_attention`."""
+    XLA:CPU; BENCHMARKS.md "Train step"). `attention_fn` (None: `mixed_precision.dot_product_attention`,
+    Flax's values with fast products) maps query, key, value [batch, tokens, heads, head_dim] to
+    the same shape, e.g. `cudnn_attention`."""
     num_heads: int
     dtype: Any = jnp.float32
     attention_fn: Callable | None = None
@@ -114,10 +114,7 @@ class Attention(nn.Module):
         q = project(heads, name="query")(inputs_q)
         k = project(heads, name="key")(inputs_kv)
         v = project(heads, name="value")(inputs_kv)
-        if self.attention_fn is None:
-            y = nn.dot_product_attention(q, k, v, dtype=self.dtype, force_fp32_for_softmax=True)
-        else:
-            y = self.attention_fn(q, k, v)
+        y = (self.attention_fn or mixed_precision.dot_product_attention)(q, k, v)
         return project(width, axis=(-2, -1), name="out")(y)
 
 
