@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from _helpers import REPO, first_batch, max_difference, setup, tiny_config, train_run
 from _helpers import main_command  # noqa: F401  (multihost_test imports it from here)
@@ -113,6 +114,21 @@ def test_layer_decay_scales_blocks_by_depth():
     assert optim.layer_factor("emotion_head/kernel", (3, 3), depth, d) == 1
     scanned = optim.layer_factor("img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel", (4, 3, 3), depth, d)
     np.testing.assert_allclose(scanned.reshape(-1), [d ** 4, d ** 3, d ** 2, d ** 1])
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0], ids=["clipped", "within"])
+def test_clip_by_global_norm_is_optaxs(max_norm):
+    grads = {"a": jnp.arange(6.0).reshape(2, 3) / 7, "b": {"c": -jnp.ones(4) / 3}}
+    ours, theirs = optim.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    assert jax.tree.structure(ours.init(grads)) == jax.tree.structure(theirs.init(grads))   # checkpoints load
+    got, _ = ours.update(grads, ours.init(grads))
+    want, _ = theirs.update(grads, theirs.init(grads))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=2e-7, atol=0)
+    if max_norm > 1:                                        # under the bound: untouched, bit for bit
+        assert all(bool(jnp.all(g == x)) for g, x in zip(jax.tree.leaves(got), jax.tree.leaves(grads)))
+    else:
+        assert float(optax.tree.norm(got)) == pytest.approx(max_norm, rel=1e-6)
 
 
 def test_checkpoint_round_trip(tmp_path, data_dir):
