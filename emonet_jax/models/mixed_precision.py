@@ -4,6 +4,7 @@
     y = mp.matmul(a, b)                      # a [..., M, K] @ b [..., K, N] -> float32 [..., M, N]
     y = mp.matmul(a, b, dtype=jnp.float32)   # the same products with float32 operands
     t = mp.transpose(x)                      # x [..., M, N] -> [..., N, M], a real copy on CPU
+    t = mp.permute(x, (0, 2, 1, 3))          # any jnp.transpose, a real copy on CPU
     nn.Dense(features, dot_general=mp.dot_general)    # a Flax layer's products through matmul
     mp.Dense(features, dtype=jnp.bfloat16)            # nn.Dense's parameters; products and bias gradient fast
     mp.Dense((heads, head_dim))                       # nn.DenseGeneral's, the same way
@@ -25,7 +26,8 @@ fewer elements:
     da = g @ b^T       (copies b)         or  (b @ g^T)^T   (copies g and the result)
     db = a^T @ g       (copies a)         or  (g^T @ a)^T   (copies g and the result)
 
-A gradient nobody reads (e.g. of frozen inputs) is removed by XLA with its copies.
+(The result's transpose is not forced into a copy: its readers are elementwise ops or the
+optimizer, into which XLA may fold it.) A gradient nobody reads (e.g. of frozen inputs) is removed by XLA with its copies.
 
 `transpose` makes the copy real on CPU by flattening the transposed array to one axis between
 two `optimization_barrier`s: a rank-1 array has a single layout, so the transpose has to happen
@@ -121,15 +123,26 @@ def _matmul_bwd(dtypes, residuals, g):
     if k * n <= m * n + m * k:
         da = _dot(g, transpose(b), dtype)
     else:
-        da = transpose(_dot(b, transpose(g), dtype))
+        da = _transposed_result(_dot(b, transpose(g), dtype))
     if m * k <= m * n + k * n:
         db = _dot(transpose(a), g, dtype)
     else:
-        db = transpose(_dot(transpose(g), a, dtype))
+        db = _transposed_result(_dot(transpose(g), a, dtype))
     return da.astype(a_dtype), db.astype(b_dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _transposed_result(y):
+    # A cotangent is read by elementwise ops or the optimizer, not as a dot operand, so its
+    # transpose need not be a copy in a canonical layout: XLA may fold it into its readers. The
+    # barrier keeps it out of the dot that made y (a transposed dot output is off the fast path).
+    return _swap_last(jax.lax.optimization_barrier(y))
+
+
+def _swap_last(x):
+    return jnp.swapaxes(x, -1, -2)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
