@@ -52,18 +52,24 @@ def scale_by_layer(depth: int, decay: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: _Empty(), update)
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
     """`optax.clip_by_global_norm` (same state, same values up to the last bit of the rescaled
     ones) written as one multiply by min(1, max_norm / norm). Optax's `select(norm < max_norm,
     g, g / norm * max_norm)` made XLA:CPU write the clipped gradients out before AdamW read them:
     clipping + AdamW of ViT-B/16's parameters took 180-200 ms against 95 ms this way (2 Zen 4
-    cores, BENCHMARKS.md "Train step on Zen 4")."""
-    def update(updates, state, params=None):
-        del params
-        norm = optax.tree.norm(updates)
+    cores, BENCHMARKS.md "Train step on Zen 4").
+
+    The caller that has already computed the norm passes it as `tx.update(..., global_norm=n)`
+    (train's step does, outside the `cond` that applies the update, where XLA cannot reuse it:
+    otherwise every step reads all gradients once more). It must be the norm of the updates
+    this transformation sees; the step's norm over all gradients is, since frozen parameters'
+    gradients are exact zeros (`stop_frozen_gradients`)."""
+    def update(updates, state, params=None, global_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.tree.norm(updates) if global_norm is None else global_norm
         scale = jnp.minimum(1.0, max_norm / norm)      # an infinite norm gives 0; NaN stays NaN
         return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
-    return optax.GradientTransformation(optax.init_empty_state, update)
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 
 
 def frozen(config, params: Any) -> Any:

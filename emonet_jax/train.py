@@ -204,7 +204,7 @@ def make_train_step(trainer: Trainer):
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(params, opt_state):
-            updates, opt_state = tx.update(grads, opt_state, params)
+            updates, opt_state = tx.update(grads, opt_state, params, global_norm=grad_norm)
             return optax.apply_updates(params, updates), opt_state
         # A non-finite step is not applied: the state stays the last good one, and the host
         # stops the run at its next check, naming the step recorded here. A cond rather than a

@@ -125,10 +125,27 @@ def test_clip_by_global_norm_is_optaxs(max_norm):
     want, _ = theirs.update(grads, theirs.init(grads))
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=2e-7, atol=0)
+    # A norm computed beforehand (train's step passes its own) gives the same updates, bit for bit.
+    given, _ = ours.update(grads, ours.init(grads), global_norm=optax.tree.norm(grads))
+    assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(given), jax.tree.leaves(got)))
     if max_norm > 1:                                        # under the bound: untouched, bit for bit
         assert all(bool(jnp.all(g == x)) for g, x in zip(jax.tree.leaves(got), jax.tree.leaves(grads)))
     else:
         assert float(optax.tree.norm(got)) == pytest.approx(max_norm, rel=1e-6)
+
+
+def test_the_optimizer_takes_the_steps_norm_of_all_gradients_frozen_ones_included():
+    """train's step passes its norm over every gradient to the clipping; frozen parameters'
+    gradients are zeros, so it is the norm the clipping would compute over the trained ones."""
+    config = tiny_config().optimizer
+    config.grad_clip_norm, config.freeze = 1e-3, ("img/.*",)
+    params = {"img": {"w": jnp.ones((3, 4))}, "head": {"w": jnp.full((4, 2), 0.5), "b": jnp.ones(2)}}
+    grads = {"img": {"w": jnp.zeros((3, 4))}, "head": {"w": jnp.arange(8.0).reshape(4, 2), "b": -jnp.ones(2)}}
+    tx, _ = optim.make(config, params, total_steps=10, depth=2)
+    state = tx.init(params)
+    want, _ = tx.update(grads, state, params)
+    got, _ = tx.update(grads, state, params, global_norm=optax.tree.norm(grads))
+    assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 
 
 def test_checkpoint_round_trip(tmp_path, data_dir):
