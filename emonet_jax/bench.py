@@ -129,6 +129,12 @@ flags.DEFINE_float("noise", 8.0, "image_bytes: std of the pixel noise (0-255) ad
 TRAIN_STEP = {"variant": "B/16", "batch": 8, "steps": 5}  # train_step: defaults of the shared flags
 
 
+def flags_or_defaults(defaults: dict) -> dict:
+    """The flags named in `defaults`: each one's value where given on the command line, else this
+    benchmark's own default (the flags are shared, and their defaults are another benchmark's)."""
+    return {name: FLAGS[name].value if FLAGS[name].present else default for name, default in defaults.items()}
+
+
 def png_originals(files) -> list[bytes]:
     """The encoded images of card-layout parquet shards."""
     return [row["image"]["bytes"] for f in files for row in pq.read_table(f, columns=["image"]).to_pylist()]
@@ -378,7 +384,7 @@ ATTENTION = {"variant": "B/16", "batch": 8, "steps": 10, "compute_dtype": "bfloa
 
 def bench_attention() -> dict:
     from emonet_jax import perf
-    given = {name: FLAGS[name].value if FLAGS[name].present else default for name, default in ATTENTION.items()}
+    given = flags_or_defaults(ATTENTION)
     load = os.getloadavg()[0]
     result = perf.bench_attention(given["variant"], FLAGS.image_size, given["batch"], given["compute_dtype"],
                                   given["steps"])
@@ -387,7 +393,7 @@ def bench_attention() -> dict:
 
 def bench_train_step() -> dict:
     from emonet_jax import perf
-    given = {name: FLAGS[name].value if FLAGS[name].present else default for name, default in TRAIN_STEP.items()}
+    given = flags_or_defaults(TRAIN_STEP)
     load = os.getloadavg()[0]
     peak = perf.measure_peak_flops(FLAGS.peak_n or None, FLAGS.compute_dtype)
     config = perf.step_config(given["variant"], FLAGS.image_size, given["batch"], FLAGS.compute_dtype, FLAGS.remat,
