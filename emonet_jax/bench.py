@@ -481,8 +481,8 @@ def bench_image_bytes() -> dict:
 
 
 BENCHMARKS = {"pipeline": bench_pipeline, "agreement": bench_agreement, "heads": bench_heads,
-              "peak": bench_peak, "attention": bench_attention, "train_step": bench_train_step, "prepare": bench_prepare,
-              "image_bytes": bench_image_bytes}
+              "peak": bench_peak, "attention": bench_attention, "train_step": bench_train_step,
+              "prepare": bench_prepare, "image_bytes": bench_image_bytes}
 
 
 def main(argv):

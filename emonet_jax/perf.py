@@ -126,7 +126,8 @@ def bench_attention(variant: str, image_size: int, batch_size: int, dtype: str =
     }
     programs = {}
     for name, attention in implementations.items():
-        loss = lambda q, k, v, attention=attention: jax.numpy.vdot(attention(q, k, v).astype(np.float32), g.astype(np.float32))  # noqa: E731
+        def loss(q, k, v, attention=attention):
+            return jax.numpy.vdot(attention(q, k, v).astype(np.float32), g.astype(np.float32))
         programs[name, "forward"] = jax.jit(attention).lower(q, k, v).compile()
         programs[name, "forward_backward"] = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
     outputs = {key: jax.block_until_ready(program(q, k, v)) for key, program in programs.items()}

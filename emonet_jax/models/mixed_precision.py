@@ -27,7 +27,8 @@ fewer elements:
     db = a^T @ g       (copies a)         or  (g^T @ a)^T   (copies g and the result)
 
 (The result's transpose is not forced into a copy: its readers are elementwise ops or the
-optimizer, into which XLA may fold it.) A gradient nobody reads (e.g. of frozen inputs) is removed by XLA with its copies.
+optimizer, into which XLA may fold it.) A gradient nobody reads (e.g. of frozen inputs) is
+removed by XLA with its copies.
 
 `transpose` makes the copy real on CPU by flattening the transposed array to one axis between
 two `optimization_barrier`s: a rank-1 array has a single layout, so the transpose has to happen
@@ -213,11 +214,13 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array) ->
     its own VJP so that every product, forward and backward, is a canonical batched `matmul`
     product: on 2 Zen 4 cores a ViT-B/16 block's bfloat16 attention ran 5.7-6.0x faster forward
     and 1.2-1.45x forward+backward than Flax's, whose products are cast to float32 and partly run
-    on Eigen (`python -m emonet_jax.bench attention`, BENCHMARKS.md "Attention on Zen 4"). The backward keeps the bfloat16 weights (as the forward's
-    product used them) and gets softmax's row sums Σ_k p·dp as Σ_d g·o, a sum over head_dim
-    instead of over the keys. Shapes the fast path does not take (a single query, as in the MAP
-    head, or every dimension below 8) go to Flax's function."""
-    if query.ndim != 4 or key.shape != value.shape or key.shape[0] != query.shape[0] or key.shape[2:] != query.shape[2:]:
+    on Eigen (`python -m emonet_jax.bench attention`, BENCHMARKS.md "Attention on Zen 4"). The
+    backward keeps the bfloat16 weights (as the forward's product used them) and gets softmax's
+    row sums Σ_k p·dp as Σ_d g·o, a sum over head_dim instead of over the keys. Shapes the fast
+    path does not take (a single query, as in the MAP head, or every dimension below 8) go to
+    Flax's function."""
+    if (query.ndim != 4 or key.shape != value.shape or key.shape[0] != query.shape[0]
+            or key.shape[2:] != query.shape[2:]):
         raise ValueError(f"dot_product_attention expects query [batch, q_tokens, heads, head_dim] and key, value "
                          f"[batch, kv_tokens, heads, head_dim]; got {query.shape}, {key.shape}, {value.shape}")
     if not query.dtype == key.dtype == value.dtype:
