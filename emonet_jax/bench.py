@@ -90,7 +90,7 @@ import pyarrow.parquet as pq
 from absl import app, flags
 from PIL import Image
 
-from emonet_jax import taxonomy
+from emonet_jax import host_memory, taxonomy
 from emonet_jax.data import pipeline, prepare, synthetic
 
 FLAGS = flags.FLAGS
@@ -399,7 +399,8 @@ def bench_train_step() -> dict:
     config = perf.step_config(given["variant"], FLAGS.image_size, given["batch"], FLAGS.compute_dtype, FLAGS.remat,
                               FLAGS.scan, attention=FLAGS.attention)
     result = perf.bench_train_step(config, given["steps"], FLAGS.warmup, peak, FLAGS.profile_top)
-    return {"benchmark": "train_step", **result, "cpus": os.cpu_count(), "load_avg_1min_at_start": round(load, 2)}
+    return {"benchmark": "train_step", **result, "cpus": os.cpu_count(), "load_avg_1min_at_start": round(load, 2),
+            "reuse_freed_memory": host_memory.is_reusing()}
 
 
 def synthetic_originals(kind: str, num: int, size: int = 1024) -> pathlib.Path:
@@ -488,6 +489,7 @@ BENCHMARKS = {"pipeline": bench_pipeline, "agreement": bench_agreement, "heads":
 def main(argv):
     if len(argv) != 2 or argv[1] not in BENCHMARKS:
         raise app.UsageError(f"usage: python -m emonet_jax.bench {{{'|'.join(BENCHMARKS)}}} [flags]")
+    host_memory.apply_flag()    # before JAX starts its threads
     print(json.dumps(BENCHMARKS[argv[1]]()))
 
 

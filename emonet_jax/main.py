@@ -50,7 +50,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from emonet_jax import train
+from emonet_jax import host_memory, train
 from emonet_jax.data import prepare
 
 FLAGS = flags.FLAGS
@@ -136,6 +136,7 @@ class _QuietLibraries(py_logging.Filter):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    host_memory.apply_flag()    # before JAX starts its threads
     logging.get_absl_handler().addFilter(_QuietLibraries())
     join_processes(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config

@@ -1,0 +1,60 @@
+"""host_memory.reuse_freed_memory: a jitted step whose temporary buffer is larger than glibc's
+mmap threshold faults its pages in anew on every call, and not once freed memory is kept.
+
+Each case runs in a subprocess: malloc's settings are process-wide and cannot be undone."""
+
+import json
+import pathlib
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from emonet_jax import host_memory
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# A cumulative sum of a 64 MB array: XLA:CPU gives it a temporary buffer of over 64 MB, twice
+# glibc's largest mmap threshold (32 MB).
+STEP = """
+import json, resource, sys
+from emonet_jax import host_memory
+applied = host_memory.reuse_freed_memory() if sys.argv[1] == "reuse" else "not asked"
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.sum(jnp.cumsum(x)))
+x = jnp.ones((16 * 2**20,), jnp.float32)
+compiled = f.lower(x).compile()
+compiled(x).block_until_ready()
+faults = []
+for _ in range(int(sys.argv[2])):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    compiled(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "faults": faults,
+                  "temp_pages": compiled.memory_analysis().temp_size_in_bytes // 4096}))
+"""
+
+
+def run_step(mode: str, calls: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", STEP, mode, str(calls)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_kept_memory_is_not_faulted_in_again():
+    default, reused = run_step("default", 5), run_step("reuse", 40)
+    assert default["temp_pages"] >= 2 * 8192                       # the step's temporary buffer is >= 64 MB
+    assert reused["applied"] is None
+    # Without the settings every call touches fresh pages for the whole buffer. With them the
+    # heap grows for a while (until freed blocks of each size sit where the next call's fit:
+    # a few to ~30 calls here), then the memory one call frees is the next one's, resident.
+    assert min(default["faults"]) >= default["temp_pages"] // 2, default
+    assert sum(reused["faults"][-10:]) < reused["temp_pages"] // 20, reused
+
+
+@pytest.mark.skipif(sys.platform == "linux" and platform.libc_ver()[0] == "glibc", reason="not glibc here")
+def test_elsewhere_it_says_why_not():
+    assert "not glibc" in host_memory.reuse_freed_memory()
