@@ -9,15 +9,14 @@ batch 8) on one of its worker threads and frees it when the step ends. glibc ser
 that large from a fresh `mmap` and returns it with `munmap` (its threshold for keeping freed
 blocks tops out at 32 MB, and a worker thread's arena cannot hold it at all), so every step
 faulted in and zeroed 1.6 GB anew: ~390k page faults and ~0.8 s of system time per step on 2
-cores. With freed memory kept, the step after the first faults nothing and ran 9-12 % faster
+cores. With freed memory kept, the steps after the first fault nothing and ran 8-14 % faster
 (BENCHMARKS.md "Host memory"). PyTorch's step, whose tensors are many smaller blocks, gains
 nothing from the same setting.
 
 How: three `mallopt` settings. One arena for all threads (a worker thread's arena would still
 `mmap` a block it cannot hold), no `mmap` for large blocks, and no trimming of the heap's free
 top. The cost is that the process's resident memory stays at its peak instead of shrinking
-after one, which a training or benchmark process reaches on its first step anyway (a 25-step
-B/16 run with fresh host batches and stray allocations between steps stayed at 3.89 GiB).
+after one, which a training or benchmark process reaches in its first steps anyway.
 
 glibc on Linux only; elsewhere (macOS, musl) nothing changes. Settings made after JAX's
 threads have allocated do not reach their arenas, hence the call before anything touches JAX.
