@@ -44,11 +44,16 @@ _NEVER = -1
 _applied = False
 
 
+def on_glibc() -> bool:
+    """Whether this process runs on Linux with glibc, the only malloc these settings are for."""
+    return sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+
 def reuse_freed_memory() -> str | None:
     """Makes this process's malloc keep freed memory for reuse (see the module docstring).
 
     Returns None once applied, or why it was not (not glibc, or a setting glibc refused)."""
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    if not on_glibc():
         return f"not glibc on Linux ({sys.platform}, {platform.libc_ver()[0] or 'unknown libc'})"
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
