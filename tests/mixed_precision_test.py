@@ -119,8 +119,15 @@ def test_flax_layers_with_dot_general_match_their_defaults(dtype):
             assert m.apply(params, inputs).dtype == dtype, name
         want, got = (jax.jit(jax.grad(loss(m)))(params) for m in (default, ours))
         tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
-        for path, leaf in tree.flatten(want).items():
-            assert relative_error(tree.flatten(got)[path], np.asarray(leaf, np.float64)) < tolerance, (name, path)
+        want, got = tree.flatten(want), tree.flatten(got)
+        for path, leaf in want.items():
+            if path == "params/key/bias":
+                # Zero in exact arithmetic (softmax ignores a shift shared by all keys): both are
+                # rounding noise, so compare them with the scale of the query bias's gradient.
+                scale = np.linalg.norm(np.asarray(want["params/query/bias"], np.float64))
+                assert max(np.linalg.norm(got[path]), np.linalg.norm(leaf)) < tolerance * scale, (name, path)
+                continue
+            assert relative_error(got[path], np.asarray(leaf, np.float64)) < tolerance, (name, path)
 
 
 def test_dot_general_passes_other_forms_to_lax():

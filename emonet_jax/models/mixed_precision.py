@@ -103,6 +103,20 @@ def _dot(a, b, dtype):
                                preferred_element_type=jnp.float32)
 
 
+def _dot_rhs_transposed(a, b, dtype):
+    """a [..., M, K] x b [..., N, K] -> float32 [..., M, N], i.e. a @ bᵀ.
+
+    In float32 the transpose is left to the product: XLA:CPU hands a float32 dot whose rhs
+    contracts its last axis to YNNPACK, which transposes while packing, so no copy is made (XLA:CPU's
+    own transposes are slow: BENCHMARKS.md "Train step without AMX"). A bfloat16 dot of that form is
+    upcast to float32 by XLA, so in bfloat16 b is copied into the canonical form first."""
+    if jnp.dtype(dtype) != jnp.float32:
+        return _dot(a, transpose(b), dtype)
+    batch = tuple(range(a.ndim - 2))
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((a.ndim - 1,), (b.ndim - 1,)), (batch, batch)),
+                               preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul(a, b, dtypes):
     return _dot(a, b, dtypes[0])
@@ -120,9 +134,10 @@ def _matmul_bwd(dtypes, residuals, g):
     a, b = residuals
     g = g.astype(dtype)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    # Each cotangent in the form that copies fewer elements (see the module docstring).
-    if k * n <= m * n + m * k:
-        da = _dot(g, transpose(b), dtype)
+    # Each cotangent in the form that copies fewer elements (see the module docstring); in
+    # float32, g @ bᵀ copies nothing (`_dot_rhs_transposed`).
+    if k * n <= m * n + m * k or dtype == jnp.float32:
+        da = _dot_rhs_transposed(g, b, dtype)
     else:
         da = _transposed_result(_dot(b, transpose(g), dtype))
     if m * k <= m * n + k * n:
@@ -250,10 +265,10 @@ def _attention_bwd(residuals, g):
     queries, keys_t, values, weights, out = residuals
     dtype = queries.dtype
     g = permute(g.astype(dtype), _HEADS_FIRST)
-    d_weights = _dot(g, transpose(values), dtype)                          # float32 [b, h, q, k]
+    d_weights = _dot_rhs_transposed(g, values, dtype)                      # float32 [b, h, q, k]
     row_sums = jnp.sum(g.astype(jnp.float32) * out, -1, keepdims=True)    # Σ_k p·dp = Σ_d g·o
     d_scores = (weights.astype(jnp.float32) * (d_weights - row_sums) * queries.shape[-1] ** -0.5).astype(dtype)
-    dq = _dot(d_scores, transpose(keys_t), dtype)
+    dq = _dot_rhs_transposed(d_scores, keys_t, dtype)
     dk = _dot(transpose(d_scores), queries, dtype)
     dv = _dot(transpose(weights), g, dtype)
     return tuple(permute(x.astype(dtype), _HEADS_FIRST) for x in (dq, dk, dv))
