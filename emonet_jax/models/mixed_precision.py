@@ -95,26 +95,31 @@ def matmul(a: jax.Array, b: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
     return _matmul(a, b, (jnp.dtype(dtype), a.dtype, b.dtype))
 
 
-def _dot(a, b, dtype):
-    """The canonical product: [..., M, K] x [..., K, N] -> float32 [..., M, N]."""
+def _dot(a, b, dtype, rhs_contracting=-2):
+    """The canonical product: [..., M, K] x [..., K, N] -> float32 [..., M, N]; with
+    `rhs_contracting=-1`, b is [..., N, K] (a @ bᵀ, for `_dot_rhs_transposed` only)."""
     batch = tuple(range(a.ndim - 2))
     return jax.lax.dot_general(a.astype(dtype), b.astype(dtype),
-                               (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch)),
+                               (((a.ndim - 1,), (b.ndim + rhs_contracting,)), (batch, batch)),
                                preferred_element_type=jnp.float32)
+
+
+def _product_transposes_rhs(dtype) -> bool:
+    """Whether a dot in `dtype` may contract its rhs's last axis and stay on the fast path: in
+    float32 XLA:CPU hands it to YNNPACK, which transposes while packing; a bfloat16 dot of that
+    form is upcast to float32 by XLA."""
+    return jnp.dtype(dtype) == jnp.float32
 
 
 def _dot_rhs_transposed(a, b, dtype):
     """a [..., M, K] x b [..., N, K] -> float32 [..., M, N], i.e. a @ bᵀ.
 
-    In float32 the transpose is left to the product: XLA:CPU hands a float32 dot whose rhs
-    contracts its last axis to YNNPACK, which transposes while packing, so no copy is made (XLA:CPU's
-    own transposes are slow: BENCHMARKS.md "Train step without AMX"). A bfloat16 dot of that form is
-    upcast to float32 by XLA, so in bfloat16 b is copied into the canonical form first."""
-    if jnp.dtype(dtype) != jnp.float32:
-        return _dot(a, transpose(b), dtype)
-    batch = tuple(range(a.ndim - 2))
-    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((a.ndim - 1,), (b.ndim - 1,)), (batch, batch)),
-                               preferred_element_type=jnp.float32)
+    Where the product can transpose b itself (`_product_transposes_rhs`: float32), no copy is
+    made (XLA:CPU's own transposes are slow: BENCHMARKS.md "Train step without AMX"); elsewhere b
+    is copied into the canonical form first."""
+    if _product_transposes_rhs(dtype):
+        return _dot(a, b, dtype, rhs_contracting=-1)
+    return _dot(a, transpose(b), dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -134,9 +139,9 @@ def _matmul_bwd(dtypes, residuals, g):
     a, b = residuals
     g = g.astype(dtype)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    # Each cotangent in the form that copies fewer elements (see the module docstring); in
-    # float32, g @ bᵀ copies nothing (`_dot_rhs_transposed`).
-    if k * n <= m * n + m * k or dtype == jnp.float32:
+    # Each cotangent in the form that copies fewer elements (see the module docstring); where
+    # the product transposes b itself, g @ bᵀ copies nothing.
+    if k * n <= m * n + m * k or _product_transposes_rhs(dtype):
         da = _dot_rhs_transposed(g, b, dtype)
     else:
         da = _transposed_result(_dot(b, transpose(g), dtype))
