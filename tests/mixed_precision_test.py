@@ -205,6 +205,53 @@ def test_attention_names_bad_operands():
         mp.dot_product_attention(x, x.astype(jnp.bfloat16), x)
 
 
+@pytest.mark.parametrize("batch, devices, local_devices, cores, want", [
+    (8, 1, 1, 2, 2),     # ViT-B/16 at batch 8 on 2 cores: halves
+    (6, 1, 1, 4, 3),     # the largest divisor of the batch within the cores
+    (7, 1, 1, 2, 1),     # a prime batch is not split unevenly
+    (2, 1, 1, 16, 2),    # never more parts than examples
+    (8, 1, 1, 1, 1),     # one core: one attention
+    (16, 2, 1, 4, 4),    # each process's device takes its share of the batch
+    (16, 8, 8, 2, 1),    # 8 simulated devices on 2 cores (the tests' setting)
+    (6, 4, 4, 16, 1),    # a batch the devices do not divide
+])
+def test_attention_is_split_into_as_many_parts_as_cores_per_device(batch, devices, local_devices, cores, want):
+    assert mp.chunks_for(batch, devices, local_devices, cores) == want
+
+
+@pytest.mark.parametrize("chunks", [2, 3])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_in_parts_equals_attention_in_one_piece(chunks, dtype):
+    """The parts are the same products on fewer examples, so values and gradients agree to
+    rounding; interleaving (examples i, i + chunks, ... in part i) puts every example back."""
+    q_shape = kv_shape = (6, 20, 3, 16)
+    q, k, v, g = (jnp.asarray(2 * random(s, seed), dtype) for seed, s in enumerate((q_shape, kv_shape, kv_shape, q_shape)))
+    whole_out, whole_vjp = jax.vjp(jax.jit(lambda q, k, v: mp._attention(q, k, v, 1)), q, k, v)
+    parts_out, parts_vjp = jax.vjp(jax.jit(lambda q, k, v: mp._attention(q, k, v, chunks)), q, k, v)
+    tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
+    assert relative_error(parts_out, np.asarray(whole_out, np.float64)) < tolerance
+    for name, got, want in zip("qkv", parts_vjp(g), whole_vjp(g)):
+        assert got.dtype == dtype
+        assert relative_error(got, np.asarray(want, np.float64)) < tolerance, name
+    # An example's rows must come back to its own place: swap two examples and the error is large.
+    swapped = np.asarray(parts_out)[[1, 0, 2, 3, 4, 5]]
+    assert relative_error(swapped, np.asarray(whole_out, np.float64)) > 0.1
+
+
+@pytest.mark.skipif(not ON_CPU, reason="XLA:CPU's YNNPACK fast path")
+def test_attention_in_parts_runs_every_product_on_the_fast_path(monkeypatch):
+    def compiled(chunks):
+        monkeypatch.setattr(mp, "attention_chunks", lambda batch: chunks)
+        q = jnp.asarray(random((4, 24, 3, 16), 0), jnp.bfloat16)
+        loss = lambda q: jnp.sum(mp.dot_product_attention(q, q, q).astype(jnp.float32) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(q).compile().as_text()
+    whole, parts = compiled(1), compiled(2)
+    assert mp.dots_off_fast_path(parts) == []
+    # Each part has its own products, on [2, 3, 24, ...] operands: independent ops XLA can run side by side.
+    count = lambda text, batch: len(re.findall(rf"= f32\[{batch},3,24,\d+\]\S* dot\(", text))  # noqa: E731
+    assert count(whole, 4) > 0 and count(parts, 2) == 2 * count(whole, 4) and count(parts, 4) == 0
+
+
 # (our layer, Flax's, input shape): nn.Dense, and nn.DenseGeneral contracting two axes into two.
 DENSE_LAYERS = {
     "dense": (lambda **kw: mp.Dense(40, **kw), lambda **kw: nn.Dense(40, **kw), (4, 50, 24)),

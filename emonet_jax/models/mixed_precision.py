@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -249,34 +250,80 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array) ->
     if min(dims) == 1 or max(dims) < _MIN_FAST_DIM:
         out = nn.dot_product_attention(query, key, value, dtype=query.dtype, force_fp32_for_softmax=True)
         return out.astype(query.dtype)    # float32 from Flax's function with force_fp32_for_softmax
-    return _attention(query, key, value)
+    chunks = attention_chunks(query.shape[0])
+    if chunks == 1:
+        return _attention(query, key, value, 1)
+    return jax.lax.platform_dependent(query, key, value, default=lambda q, k, v: _attention(q, k, v, 1),
+                                      cpu=lambda q, k, v: _attention(q, k, v, chunks))
 
 
-@jax.custom_vjp
-def _attention(q, k, v):
-    return _attention_fwd(q, k, v)[0]
+def attention_chunks(batch: int) -> int:
+    """Into how many independent attentions `dot_product_attention` splits a batch on CPU.
+
+    YNNPACK spreads a product's rows and columns over the cores but runs its batch axes on one
+    core, so each of attention's batched products ([batch, heads, 196, 196] @ [..., 196, 64]
+    for ViT-B/16) kept one of 2 Zen 4 cores idle; split into 2 attentions over half the batch,
+    XLA runs the halves side by side (BENCHMARKS.md "Train step on Zen 4 (session 15)")."""
+    return chunks_for(batch, jax.device_count(), jax.local_device_count(), _schedulable_cores())
 
 
-def _attention_fwd(q, k, v):
+def chunks_for(batch: int, devices: int, local_devices: int, cores: int) -> int:
+    """The largest divisor of each device's share of `batch` that is at most the device's share
+    of `cores` (all devices of this process share them); 1 when the batch does not divide
+    evenly or simulated devices outnumber the cores."""
+    if batch % devices:
+        return 1
+    per_device, cores_per_device = batch // devices, cores // local_devices
+    return max((n for n in range(1, min(per_device, cores_per_device) + 1) if per_device % n == 0), default=1)
+
+
+def _schedulable_cores() -> int:
+    # What XLA:CPU sizes its thread pool by: the cores this process may run on.
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, chunks):
+    return _attention_fwd(q, k, v, chunks)[0]
+
+
+def _attention_fwd(q, k, v, chunks):
     dtype = q.dtype
-    queries, keys_t, values = permute(q, _HEADS_FIRST), permute(k, _KEYS_TRANSPOSED), permute(v, _HEADS_FIRST)
-    scores = _dot(queries, keys_t, dtype) * q.shape[-1] ** -0.5            # float32 [b, h, q, k]
-    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = _dot(weights, values, dtype)                                     # float32 [b, h, q, d]
-    return permute(out.astype(dtype), _HEADS_FIRST), (queries, keys_t, values, weights, out)
+    outs, residuals = [], []
+    for queries, keys_t, values in zip(_permuted_parts(q, _HEADS_FIRST, chunks),
+                                       _permuted_parts(k, _KEYS_TRANSPOSED, chunks),
+                                       _permuted_parts(v, _HEADS_FIRST, chunks)):
+        scores = _dot(queries, keys_t, dtype) * q.shape[-1] ** -0.5        # float32 [b, h, q, k]
+        weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = _dot(weights, values, dtype)                                 # float32 [b, h, q, d]
+        outs.append(out.astype(dtype))
+        residuals.append((queries, keys_t, values, weights, out))
+    return _joined(outs, _HEADS_FIRST), residuals
 
 
-def _attention_bwd(residuals, g):
-    queries, keys_t, values, weights, out = residuals
-    dtype = queries.dtype
-    g = permute(g.astype(dtype), _HEADS_FIRST)
-    d_weights = _dot_rhs_transposed(g, values, dtype)                      # float32 [b, h, q, k]
-    row_sums = jnp.sum(g.astype(jnp.float32) * out, -1, keepdims=True)    # Σ_k p·dp = Σ_d g·o
-    d_scores = (weights.astype(jnp.float32) * (d_weights - row_sums) * queries.shape[-1] ** -0.5).astype(dtype)
-    dq = _dot_rhs_transposed(d_scores, keys_t, dtype)
-    dk = _dot(transpose(d_scores), queries, dtype)
-    dv = _dot(transpose(weights), g, dtype)
-    return tuple(permute(x.astype(dtype), _HEADS_FIRST) for x in (dq, dk, dv))
+def _attention_bwd(chunks, residuals, g):
+    dtype = residuals[0][0].dtype
+    grads = []
+    for (queries, keys_t, values, weights, out), g in zip(residuals, _permuted_parts(g.astype(dtype), _HEADS_FIRST, chunks)):
+        d_weights = _dot_rhs_transposed(g, values, dtype)                  # float32 [b, h, q, k]
+        row_sums = jnp.sum(g.astype(jnp.float32) * out, -1, keepdims=True)  # Σ_k p·dp = Σ_d g·o
+        d_scores = (weights.astype(jnp.float32) * (d_weights - row_sums) * queries.shape[-1] ** -0.5).astype(dtype)
+        grads.append([_dot_rhs_transposed(d_scores, keys_t, dtype),         # dq
+                      _dot(transpose(d_scores), queries, dtype),           # dk
+                      _dot(transpose(weights), g, dtype)])                 # dv
+    return tuple(_joined([part[j].astype(dtype) for part in grads], _HEADS_FIRST) for j in range(3))
+
+
+def _permuted_parts(x, axes, chunks):
+    """`permute(x, axes)` as `chunks` parts of the batch, examples i, i + chunks, ... in part i:
+    a batch sharded in contiguous blocks over devices keeps each part on its devices."""
+    interleaved = x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:])
+    return [permute(interleaved[:, i], axes) for i in range(chunks)]
+
+
+def _joined(parts, axes):
+    """The inverse of `_permuted_parts`: the parts interleaved back into one batch, permuted by `axes`."""
+    return permute(jnp.stack(parts, axis=1).reshape(-1, *parts[0].shape[1:]), axes)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
