@@ -304,13 +304,14 @@ def _attention_fwd(q, k, v, chunks):
 def _attention_bwd(chunks, residuals, g):
     dtype = residuals[0][0].dtype
     grads = []
-    for (queries, keys_t, values, weights, out), g in zip(residuals, _permuted_parts(g.astype(dtype), _HEADS_FIRST, chunks)):
-        d_weights = _dot_rhs_transposed(g, values, dtype)                  # float32 [b, h, q, k]
-        row_sums = jnp.sum(g.astype(jnp.float32) * out, -1, keepdims=True)  # Σ_k p·dp = Σ_d g·o
+    g_parts = _permuted_parts(g.astype(dtype), _HEADS_FIRST, chunks)
+    for (queries, keys_t, values, weights, out), g_part in zip(residuals, g_parts):
+        d_weights = _dot_rhs_transposed(g_part, values, dtype)             # float32 [b, h, q, k]
+        row_sums = jnp.sum(g_part.astype(jnp.float32) * out, -1, keepdims=True)  # Σ_k p·dp = Σ_d g·o
         d_scores = (weights.astype(jnp.float32) * (d_weights - row_sums) * queries.shape[-1] ** -0.5).astype(dtype)
         grads.append([_dot_rhs_transposed(d_scores, keys_t, dtype),         # dq
                       _dot(transpose(d_scores), queries, dtype),           # dk
-                      _dot(transpose(weights), g, dtype)])                 # dv
+                      _dot(transpose(weights), g_part, dtype)])            # dv
     return tuple(_joined([part[j].astype(dtype) for part in grads], _HEADS_FIRST) for j in range(3))
 
 
