@@ -43,7 +43,8 @@ all, `speedup_each` the ratio of each pair.
 `--profile_top=N` (`heads`, `train_step`, XLA:CPU): after the timed runs, one more epoch (heads)
 or --steps steps (train_step) under `jax.profiler`, and `profile` in the JSON: the N op groups
 that took the most time (`perf.op_profile`: XLA's op, the JAX operation it comes from, its
-output shape, ms per step, share of all op time).
+output shape, ms per step, share of all op time, and ms per step with every other XLA:CPU
+worker thread idle), and ms per step with 0, 1, 2, ... workers busy.
 
 `peak`, `train_step`, `prepare` (code in `emonet_jax/perf.py`): the measured peak FLOP/s of
 one device (chained n x n matmuls in JAX); the trainer's own step on random images and labels

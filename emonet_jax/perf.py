@@ -27,6 +27,7 @@ would take if every FLOP ran at the speed of one large matmul.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import gzip
 import json
@@ -264,7 +265,7 @@ def bench_train_step(config, steps: int, warmup: int = 1, peak: dict | None = No
     if peak:
         result.update(against_peak(result, peak, devices))
     if profile_top:
-        result["profile"] = profile_steps(compiled, state, [(batch,)] * steps, profile_top)
+        result["profile"] = profile_steps(compiled, state, [(batch,)] * steps, profile_top, wait_each_step=True)
     return result
 
 
@@ -291,13 +292,17 @@ _HLO_OP = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) [\w\-]+\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
-def profile_steps(compiled, state, step_args: Sequence[tuple], top: int = 20) -> dict:
+def profile_steps(compiled, state, step_args: Sequence[tuple], top: int = 20, wait_each_step: bool = False) -> dict:
     """`op_profile` of `state, _ = compiled(state, *args)` for each `args` in `step_args`, the
-    state threaded from step to step (a train step that donates it)."""
+    state threaded from step to step (a train step that donates it). `wait_each_step`: wait
+    for each step before dispatching the next, as the timed steps of `bench_train_step` do, so
+    that the profile runs the steps as they were timed."""
     def run():
         nonlocal state
         for args in step_args:
             state, _ = compiled(state, *args)
+            if wait_each_step:
+                jax.block_until_ready(state)
         jax.block_until_ready(state)
     return op_profile(run, compiled.as_text(), len(step_args), top)
 
@@ -314,7 +319,13 @@ def op_profile(run: Callable[[], Any], compiled_text: str, steps: int, top: int 
     `encoderblock_*`); `ms_per_step` is a group's summed duration per step, `share` its part
     of all matched time and `shape` the output of its longest instruction. Ops overlap (XLA
     runs independent ones on the cores at once), so the matched time per step
-    (`op_ms_per_step`) can exceed the wall time (`wall_ms_per_step`)."""
+    (`op_ms_per_step`) can exceed the wall time (`wall_ms_per_step`).
+
+    Where the cores idle (`worker_activity`): `busy_workers_ms_per_step` maps k to the ms per
+    step during which exactly k of XLA:CPU's worker threads were busy, and each op group's
+    `alone_ms_per_step` is the part of its time during which every other worker was idle: an
+    op that keeps the other cores waiting (for example a product XLA:CPU's library runs on one
+    thread). Both are absent when the trace has no worker threads."""
     shapes, op_names = {}, {}
     for line in compiled_text.splitlines():
         match = _HLO_OP.match(line)
@@ -335,24 +346,115 @@ def op_profile(run: Callable[[], Any], compiled_text: str, steps: int, top: int 
             raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {trace_dir}")
         with gzip.open(traces[-1]) as f:
             events = json.load(f)["traceEvents"]
+    activity = worker_activity(events)
     groups: dict[tuple[str, str], dict] = {}
     for event in events:
         name = event.get("name", "")
         if event.get("ph") != "X" or name not in shapes:
             continue
         key = (re.sub(r"\.\d+$", "", name), op_names[name])
-        group = groups.setdefault(key, {"op": key[0], "jax_op": key[1], "us": 0.0, "count": 0, "longest": -1.0})
+        group = groups.setdefault(key, {"op": key[0], "jax_op": key[1], "us": 0.0, "alone_us": 0.0, "count": 0,
+                                        "longest": -1.0})
         group["us"] += event["dur"]
         group["count"] += 1
+        if activity is not None:
+            group["alone_us"] += activity.alone(event)
         if event["dur"] > group["longest"]:
             group["longest"], group["shape"] = event["dur"], shapes[name]
     total = sum(g["us"] for g in groups.values())
     ranked = sorted(groups.values(), key=lambda g: -g["us"])[:top]
-    return {"steps": steps, "wall_ms_per_step": round(wall / steps * 1e3, 3),
-            "op_ms_per_step": round(total / steps / 1e3, 3),
-            "top": [{"op": g["op"], "jax_op": g["jax_op"], "shape": g["shape"],
-                     "ms_per_step": round(g["us"] / steps / 1e3, 3), "per_step": g["count"] / steps,
-                     "share": round(g["us"] / total, 4) if total else 0.0} for g in ranked]}
+    ms = lambda us: round(us / steps / 1e3, 3)  # noqa: E731
+    result = {"steps": steps, "wall_ms_per_step": round(wall / steps * 1e3, 3), "op_ms_per_step": ms(total),
+              "top": [{"op": g["op"], "jax_op": g["jax_op"], "shape": g["shape"], "ms_per_step": ms(g["us"]),
+                       "per_step": g["count"] / steps, "share": round(g["us"] / total, 4) if total else 0.0}
+                      for g in ranked]}
+    if activity is not None:
+        result["workers"] = len(activity.busy)
+        result["busy_workers_ms_per_step"] = {str(k): ms(us) for k, us in sorted(activity.histogram().items())}
+        for row, group in zip(result["top"], ranked):
+            row["alone_ms_per_step"] = ms(group["alone_us"])
+    return result
+
+
+# XLA:CPU runs a module's ops on the threads of its intra-op pool, named after Eigen's pool.
+_WORKER_THREAD = "tf_XLAEigen"
+# Instants that mark a worker taking up (StartRegion) and leaving (StopRegion) its share of an
+# op that another worker launched and split over the pool.
+_REGION_START, _REGION_STOP = "ThreadpoolListener::StartRegion", "ThreadpoolListener::StopRegion"
+
+
+class WorkerActivity:
+    """When each of XLA:CPU's worker threads was busy in a trace, as merged [start, end] µs
+    intervals by thread id: inside any event of that thread (an op it launched, the runtime's
+    executor) or between a StartRegion and the next StopRegion (its share of an op another
+    worker launched). A worker is idle outside them."""
+
+    def __init__(self, busy: dict[int, list[list[float]]]):
+        self.busy = busy
+        self._others = {tid: _merged([i for other, spans in busy.items() if other != tid for i in spans])
+                        for tid in busy}
+        self._everyone = _merged([i for spans in busy.values() for i in spans])
+
+    def alone(self, event: dict) -> float:
+        """µs of a complete event during which every worker but its own thread was idle."""
+        others = self._others.get(event.get("tid"), self._everyone)
+        start, end = event["ts"], event["ts"] + event["dur"]
+        return event["dur"] - _overlap(others, start, end)
+
+    def histogram(self) -> dict[int, float]:
+        """µs during which exactly k workers were busy, for k = 0 .. workers, from the first
+        busy moment of any worker to the last."""
+        edges = sorted([(s, 1) for spans in self.busy.values() for s, _ in spans] +
+                       [(f, -1) for spans in self.busy.values() for _, f in spans])
+        counts = {k: 0.0 for k in range(len(self.busy) + 1)}
+        busy_now, last = 0, edges[0][0] if edges else 0.0
+        for time_us, change in edges:
+            counts[busy_now] += time_us - last
+            busy_now, last = busy_now + change, time_us
+        return counts
+
+
+def worker_activity(events: Sequence[dict]) -> WorkerActivity | None:
+    """The busy intervals of XLA:CPU's worker threads in `jax.profiler` trace events (the
+    `traceEvents` of a *.trace.json.gz), or None when the trace names no worker thread."""
+    workers = {e["tid"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+               and str(e.get("args", {}).get("name", "")).startswith(_WORKER_THREAD)}
+    if not workers:
+        return None
+    spans: dict[int, list[list[float]]] = {tid: [] for tid in workers}
+    region_start: dict[int, float] = {}
+    for event in sorted((e for e in events if e.get("ph") == "X" and e.get("tid") in workers),
+                        key=lambda e: e["ts"]):
+        tid, name = event["tid"], event.get("name", "")
+        if name == _REGION_START:
+            region_start.setdefault(tid, event["ts"])
+        elif name == _REGION_STOP:
+            if tid in region_start:
+                spans[tid].append([region_start.pop(tid), event["ts"]])
+        elif event.get("dur", 0) > 0:
+            spans[tid].append([event["ts"], event["ts"] + event["dur"]])
+    return WorkerActivity({tid: _merged(intervals) for tid, intervals in spans.items()})
+
+
+def _merged(intervals: list[list[float]]) -> list[list[float]]:
+    """Overlapping or touching [start, end] intervals joined, sorted by start."""
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def _overlap(merged: list[list[float]], start: float, end: float) -> float:
+    """How much of [start, end] the sorted, disjoint `merged` intervals cover."""
+    i = max(bisect.bisect_right(merged, [start, float("inf")]) - 1, 0)
+    covered = 0.0
+    while i < len(merged) and merged[i][0] < end:
+        covered += max(0.0, min(merged[i][1], end) - max(merged[i][0], start))
+        i += 1
+    return covered
 
 
 # --- prepare ---------------------------------------------------------------------------------

@@ -232,6 +232,36 @@ def test_op_profile_names_the_costliest_ops_of_a_step():
     assert first["per_step"] >= 1 and first["ms_per_step"] >= profile["top"][1]["ms_per_step"]
     assert 0.5 < first["share"] <= 1
     assert profile["op_ms_per_step"] >= first["ms_per_step"]
+    # XLA:CPU's workers: how long k of them were busy fits in the wall time, and an op's time
+    # with the others idle is part of its time.
+    assert profile["workers"] >= 1 and set(profile["busy_workers_ms_per_step"]) == {
+        str(k) for k in range(profile["workers"] + 1)}
+    assert 0 < sum(profile["busy_workers_ms_per_step"].values()) <= profile["wall_ms_per_step"] * 1.01
+    assert all(0 <= row["alone_ms_per_step"] <= row["ms_per_step"] + 1e-3 for row in profile["top"])
+
+
+def _thread_name(tid, name):
+    return {"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": name}}
+
+
+def _span(tid, name, start, duration=0.0):
+    return {"ph": "X", "name": name, "pid": 1, "tid": tid, "ts": start, "dur": duration}
+
+
+def test_worker_activity_finds_when_the_other_workers_idle():
+    # Worker 1 runs op "a" over [0, 100) and "b" over [150, 200); worker 2 takes its share of
+    # "a" (a thread-pool region) over [20, 60) and runs its own "c" over [90, 140). The Python
+    # thread is no worker; a region never stopped is left out.
+    a, b, c = _span(1, "a", 0, 100), _span(1, "b", 150, 50), _span(2, "c", 90, 50)
+    events = [_thread_name(1, "tf_XLAEigen/1"), _thread_name(2, "tf_XLAEigen/2"), _thread_name(3, "python"),
+              a, b, c, _span(2, perf._REGION_START, 20), _span(2, perf._REGION_STOP, 60),
+              _span(2, perf._REGION_START, 300), _span(3, "PjitFunction", 0, 400)]
+    activity = perf.worker_activity(events)
+    assert activity.busy == {1: [[0, 100], [150, 200]], 2: [[20, 60], [90, 140]]}
+    # Both busy over [20, 60) and [90, 100); none over [140, 150); one over the other 140 µs.
+    assert activity.histogram() == {0: 10.0, 1: 140.0, 2: 50.0}
+    assert activity.alone(a) == 50.0 and activity.alone(b) == 50.0 and activity.alone(c) == 40.0
+    assert perf.worker_activity([_thread_name(3, "python"), _span(3, "PjitFunction", 0, 400)]) is None
 
 
 def test_heads_profile_reports_the_steps_ops():
