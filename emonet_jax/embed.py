@@ -66,7 +66,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
-from emonet_jax import inference, sharding, tree
+from emonet_jax import host_memory, inference, sharding, tree
 from emonet_jax.data import pipeline
 from emonet_jax.models import pretrained
 
@@ -518,6 +518,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resample", default=None, choices=sorted(pipeline.RESAMPLE),
                    help="resize filter (default: the Hugging Face preprocessor_config.json's, else bilinear)")
     p.add_argument("--threads", type=int, default=8, help="threads reading and resizing images")
+    host_memory.add_argument(p)
     return p
 
 
@@ -526,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.split is not None and args.data_dir is None:
         parser.error("--split needs --data_dir")
+    host_memory.apply(args.reuse_freed_memory)   # before the tower's first step
     try:
         embedder = Embedder(args.backbone, args.batch, image_size=args.image_size, dtype=args.dtype,
                             resample=args.resample)

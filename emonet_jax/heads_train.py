@@ -69,7 +69,7 @@ from absl import app, flags, logging
 from clu import metrics as clu_metrics
 from ml_collections import config_flags
 
-from emonet_jax import checkpoint, embed, inference, optim, taxonomy, train, tree, writers
+from emonet_jax import checkpoint, embed, host_memory, inference, optim, taxonomy, train, tree, writers
 from emonet_jax.data import pipeline, prepare
 from emonet_jax.evaluate import model_eval
 from emonet_jax.models import heads
@@ -523,6 +523,7 @@ def define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    host_memory.apply_flag()    # before JAX starts its threads
     if FLAGS.export_only:
         print(f"exported {export_only(FLAGS.config, FLAGS.workdir)}")
         return

@@ -2,7 +2,8 @@
 
     from emonet_jax import host_memory
     host_memory.reuse_freed_memory()    # first thing in main(), before JAX starts its threads
-    host_memory.apply_flag()            # the same, unless --noreuse_freed_memory (main, bench)
+    host_memory.apply_flag()            # the same, unless --noreuse_freed_memory (main, bench, heads_train)
+    host_memory.apply(args.reuse_freed_memory)   # argparse CLIs (embed, predict): host_memory.add_argument
 
 Why: XLA:CPU mallocs each execution's temporary buffer (1.6 GB for a ViT-B/16 train step at
 batch 8) on one of its worker threads and frees it when the step ends. glibc serves a block
@@ -24,6 +25,7 @@ threads have allocated do not reach their arenas, hence the call before anything
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import platform
 import sys
@@ -71,9 +73,21 @@ def is_reusing() -> bool:
     return _applied
 
 
-def apply_flag() -> None:
-    """`reuse_freed_memory()` unless --noreuse_freed_memory, saying so when it cannot apply."""
-    if flags.FLAGS.reuse_freed_memory:
+def apply(wanted: bool) -> None:
+    """`reuse_freed_memory()` if `wanted`, saying so when it cannot apply."""
+    if wanted:
         why_not = reuse_freed_memory()
         if why_not:
             logging.info("freed host memory goes back to the OS: %s", why_not)
+
+
+def apply_flag() -> None:
+    """`apply` unless --noreuse_freed_memory (the absl CLIs: main, bench, heads_train)."""
+    apply(flags.FLAGS.reuse_freed_memory)
+
+
+def add_argument(parser: argparse.ArgumentParser) -> None:
+    """The same opt-out for the argparse CLIs (embed, predict), spelled as absl spells it;
+    `apply(args.reuse_freed_memory)` after parsing."""
+    parser.add_argument("--noreuse_freed_memory", dest="reuse_freed_memory", action="store_false",
+                        help="return the host memory XLA frees to the OS after each step (emonet_jax/host_memory.py)")

@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from emonet_jax import embed, inference, taxonomy
+from emonet_jax import embed, host_memory, inference, taxonomy
 from emonet_jax.evaluate import transfer
 from emonet_jax.models import heads
 
@@ -411,6 +411,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=8, help="threads reading and resizing images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (once the new one is complete)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders (walked recursively)")
+    host_memory.add_argument(p)
     return p
 
 
@@ -418,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.backbone is not None and args.heads is None:
         raise SystemExit("error: --backbone goes with --heads (a training run has its own image tower)")
+    host_memory.apply(args.reuse_freed_memory)   # before the tower's first step
     try:
         model = load(workdir=args.workdir, heads_dir=args.heads, backbone=args.backbone, batch_size=args.batch)
         print(f"model: {args.workdir or args.heads} ({model.image_size} px); means subtracted: {model.means_source}",

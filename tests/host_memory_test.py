@@ -58,3 +58,18 @@ def test_kept_memory_is_not_faulted_in_again():
 @pytest.mark.skipif(host_memory.on_glibc(), reason="not glibc here")
 def test_elsewhere_it_says_why_not():
     assert "not glibc" in host_memory.reuse_freed_memory()
+
+
+@pytest.mark.parametrize("cli", ["embed", "predict"])
+def test_argparse_clis_keep_freed_memory_unless_told(cli, monkeypatch, tmp_path):
+    from emonet_jax import embed, predict
+    main = {"embed": lambda extra: embed.main([f"--backbone={tmp_path / 'none.npz'}", f"--images={tmp_path}",
+                                               f"--out={tmp_path / 'e.npz'}", *extra]),
+            "predict": lambda extra: predict.main([f"--workdir={tmp_path / 'none'}", f"--out={tmp_path / 'p.jsonl'}",
+                                                   *extra, str(tmp_path / 'x.png')])}[cli]
+    calls = []
+    monkeypatch.setattr(host_memory, "reuse_freed_memory", lambda: calls.append(cli))
+    for extra, expected in (([], [cli]), (["--noreuse_freed_memory"], [cli])):
+        with pytest.raises(SystemExit, match="error"):   # no such weights: the settings come before loading them
+            main(extra)
+        assert calls == expected
