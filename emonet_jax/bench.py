@@ -93,6 +93,7 @@ from PIL import Image
 
 from emonet_jax import host_memory, taxonomy
 from emonet_jax.data import pipeline, prepare, synthetic
+from emonet_jax.models import vit
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("images", 64, "Number of synthetic 1024 px originals.")
@@ -120,7 +121,7 @@ flags.DEFINE_alias("res", "image_size")
 flags.DEFINE_alias("dtype", "compute_dtype")   # train_step, peak: model.compute_dtype / the matmul's dtype
 flags.DEFINE_bool("remat", False, "train_step: recompute activations in the backward pass (model.remat).")
 flags.DEFINE_bool("scan", False, "train_step: scan over the blocks (model.scan).")
-flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"], "train_step: model.attention (cudnn: NVIDIA GPU, bfloat16).")
+flags.DEFINE_enum("attention", "xla", list(vit.ATTENTION), "train_step: model.attention (cudnn: NVIDIA GPU, bfloat16).")
 flags.DEFINE_integer("profile_top", 0, "heads, train_step: also profile the step (one epoch / --steps steps, "
                      "XLA:CPU) and report its N most costly ops (perf.op_profile); 0: no profile.")
 flags.DEFINE_integer("warmup", 1, "train_step: untimed steps after compiling.")
