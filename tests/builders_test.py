@@ -8,6 +8,7 @@ import json
 import math
 import pathlib
 import shutil
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -516,3 +517,14 @@ def test_too_many_bad_rows_over_both_splits(tmp_path):
     with pytest.raises(builder.TooManyBadRows, match="2 of 40 rows"):
         prepare.build("binary", tmp_path / "data", RESOLUTION, manual_dir=raw, max_bad_fraction=0.04)
     assert visible_splits("binary", tmp_path / "data") == {}
+
+
+def test_builders_leave_no_temporary_directories(tmp_path, monkeypatch):
+    # TFDS's GCS lookup for an unprepared dataset used to leave an empty mkdtemp dir each time.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    for kind in ("hq", "binary", "big"):
+        b = prepare.builder_class(kind)(data_dir=str(tmp_path / "data"), config=str(RESOLUTION))
+        assert not b.is_prepared()
+    assert list(scratch.iterdir()) == []

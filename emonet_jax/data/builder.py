@@ -120,12 +120,16 @@ class EmoNetFaceBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
         self._bad_rows: dict[str, BadRows] = {}   # per split pass, merged into the metadata
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
+        info = self.dataset_info_from_configs(
             features=features(self.builder_config.resolution),
             homepage=f"https://huggingface.co/datasets/{self.HF_REPO}",
             metadata=tfds.core.MetadataDict(),
             citation="EmoNet-Face, arXiv:2505.20033 (CC BY 4.0)",
         )
+        # These datasets are not in TFDS's GCS bucket, whose lookup (off by default) still makes
+        # an empty temporary directory each time a builder of an unprepared dataset is built.
+        info.initialize_from_bucket = lambda: None
+        return info
 
     # -- sources --------------------------------------------------------------
 
