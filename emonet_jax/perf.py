@@ -114,16 +114,15 @@ def bench_attention(variant: str, image_size: int, batch_size: int, dtype: str =
     """Milliseconds of one encoder block's attention (softmax(q·kᵀ/√d)·v on random q, k, v
     [batch, tokens, heads, head_dim] of the variant at `image_size`), forward and forward +
     backward, for `mixed_precision.dot_product_attention` (the blocks' own) and for
-    `flax.linen.dot_product_attention(force_fp32_for_softmax=True)` (what they used before):
-    the median of `steps` runs each, the two taking turns run by run, with the largest
+    `mixed_precision.flax_attention`, Flax's function with force_fp32_for_softmax (what they used
+    before): the median of `steps` runs each, the two taking turns run by run, with the largest
     difference between their outputs and gradients."""
-    import flax.linen as nn
     size, patch = vit.parse_variant(variant)
     shape = (batch_size, (image_size // patch) ** 2, size.num_heads, size.width // size.num_heads)
     q, k, v, g = (jax.random.normal(jax.random.key(i), shape).astype(dtype) for i in range(4))
     implementations = {
         "ours": mixed_precision.dot_product_attention,
-        "flax": lambda q, k, v: nn.dot_product_attention(q, k, v, dtype=q.dtype, force_fp32_for_softmax=True),
+        "flax": mixed_precision.flax_attention,
     }
     programs = {}
     for name, attention in implementations.items():

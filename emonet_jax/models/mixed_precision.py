@@ -248,13 +248,19 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array) ->
         raise ValueError(f"dot_product_attention expects one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
     dims = (query.shape[1], key.shape[1], query.shape[3])
     if min(dims) == 1 or max(dims) < _MIN_FAST_DIM:
-        out = nn.dot_product_attention(query, key, value, dtype=query.dtype, force_fp32_for_softmax=True)
-        return out.astype(query.dtype)    # float32 from Flax's function with force_fp32_for_softmax
+        return flax_attention(query, key, value)
     chunks = attention_chunks(query.shape[0])
     if chunks == 1:
         return _attention(query, key, value, 1)
     return jax.lax.platform_dependent(query, key, value, default=lambda q, k, v: _attention(q, k, v, 1),
                                       cpu=lambda q, k, v: _attention(q, k, v, chunks))
+
+
+def flax_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+    """Flax's function with the values `dot_product_attention` matches: scores and softmax in
+    float32, the result in query's dtype (Flax's is float32 with force_fp32_for_softmax)."""
+    out = nn.dot_product_attention(query, key, value, dtype=query.dtype, force_fp32_for_softmax=True)
+    return out.astype(query.dtype)
 
 
 def attention_chunks(batch: int) -> int:
