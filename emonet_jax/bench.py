@@ -1,6 +1,6 @@
 """Benchmarks; each prints one JSON object on stdout.
 
-    python -m emonet_jax.bench pipeline [--images=64 --batch=32 --steps=20 --threads=2]
+    python -m emonet_jax.bench pipeline [--images=64 --batch=32 --steps=20 --threads=2 --workers=0]
     python -m emonet_jax.bench agreement [--hq_images=2500 --hq_models=14 --hq_cli_runs=3]
     python -m emonet_jax.bench heads [--variant=small --examples=20000 --epochs=3 --batch=256
                                       --reference=.venv-torch/bin/python --heads_repeats=1]
@@ -17,7 +17,10 @@ values in [-1, 1]) reading prepared 224 px records, against the same pipeline de
 Both run through identical grain code with the same threads; the originals are synthetic
 faces rendered at 1024 px, PNG-encoded like the real ones.
 Also the same records decoded once and held in memory (`input.in_memory`,
-`pipeline.DecodedInMemory`): `in_memory_images_per_s`.
+`pipeline.DecodedInMemory`): `in_memory_images_per_s`. `--workers=N` runs the records pipeline
+in N grain worker processes (the trainer's `input.num_workers`), each with `--threads` reader
+threads: how to size the input of a many-core host (`records_images_per_s`; the other two
+pipelines stay in this process, and `speedup`, records over originals, is null).
 
 `agreement`: seconds for the whole HQ agreement evaluation (a subprocess running
 `python -m emonet_jax.evaluate.agreement` with every output: JSON, tables, CSV, figures; the
@@ -100,6 +103,8 @@ flags.DEFINE_integer("images", 64, "Number of synthetic 1024 px originals.")
 flags.DEFINE_integer("batch", 32, "Batch size.")
 flags.DEFINE_integer("steps", 20, "Timed batches (after 2 warm-up batches).")
 flags.DEFINE_integer("threads", 2, "grain reader threads (the reference machine has 2 cores).")
+flags.DEFINE_integer("workers", 0, "pipeline: grain worker processes of the records pipeline (input.num_workers; "
+                     "0: threads in this process only).")
 flags.DEFINE_integer("image_size", 224, "Training resolution.")
 flags.DEFINE_string("cache", os.path.join(tempfile.gettempdir(), "emonet_bench"), "Scratch dir.")
 flags.DEFINE_integer("hq_images", 2500, "agreement: synthetic HQ images (the published HQ has 2,500).")
@@ -184,11 +189,12 @@ def bench_pipeline() -> dict:
     summary = prepare.prepare_synthetic(root, FLAGS.image_size, spec)
     records = pipeline.open_split(f"emonet_face_hq/{FLAGS.image_size}", "test", summary["data_dir"])
 
-    def training(source):
+    def training(source, workers=0):
         return pipeline.train_dataset(source, global_batch_size=FLAGS.batch, image_size=FLAGS.image_size,
-                                      seed=0, process_index=0, process_count=1, threads=FLAGS.threads)
+                                      seed=0, process_index=0, process_count=1, threads=FLAGS.threads,
+                                      num_workers=workers)
 
-    prepared = training(records)
+    prepared = training(records, FLAGS.workers)
     held = training(pipeline.DecodedInMemory(records, "emonet_face_hq test"))
     originals = PngSource(sorted(pathlib.Path(summary["hq"]["raw"]).glob("*.parquet")))
     decode = _augment_only(originals, FLAGS.image_size, 0, FLAGS.batch, FLAGS.threads)
@@ -197,8 +203,8 @@ def bench_pipeline() -> dict:
     in_memory_rate = _rate(held, FLAGS.steps, FLAGS.batch)
     return {"benchmark": "pipeline", "image_size": FLAGS.image_size, "original_size": 1024,
             "images": FLAGS.images, "batch": FLAGS.batch, "steps": FLAGS.steps, "threads": FLAGS.threads,
-            "cpus": os.cpu_count(), "records_images_per_s": round(records_rate, 1),
-            "original_png_images_per_s": round(png_rate, 1), "speedup": round(records_rate / png_rate, 2),
+            "workers": FLAGS.workers, "cpus": os.cpu_count(), "records_images_per_s": round(records_rate, 1),
+            "original_png_images_per_s": round(png_rate, 1), "speedup": round(records_rate / png_rate, 2) if not FLAGS.workers else None,
             "in_memory_images_per_s": round(in_memory_rate, 1)}
 
 

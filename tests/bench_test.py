@@ -15,7 +15,7 @@ from absl.testing import flagsaver
 from PIL import Image
 
 from emonet_jax import bench, perf, train
-from emonet_jax.data import builder, sources
+from emonet_jax.data import builder, pipeline, sources
 from emonet_jax.models import vit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -113,6 +113,22 @@ def test_pipeline_reports_the_rate_of_records_originals_and_rows_held_in_memory(
     rates = [result[k] for k in ("records_images_per_s", "original_png_images_per_s", "in_memory_images_per_s")]
     assert all(r > 0 for r in rates)
     assert result["speedup"] == pytest.approx(rates[0] / rates[1], rel=0.01)
+
+
+def test_pipeline_workers_go_to_the_records_pipeline_only(tmp_path, monkeypatch):
+    asked = []
+    train_dataset = pipeline.train_dataset
+
+    def recording(source, **kwargs):   # records what each pipeline asks for, runs it in-process
+        asked.append(kwargs["num_workers"])
+        return train_dataset(source, **{**kwargs, "num_workers": 0})
+
+    monkeypatch.setattr(pipeline, "train_dataset", recording)
+    with flagsaver.as_parsed(images="4", image_size="64", batch="2", steps="2", threads="1", workers="3",
+                             cache=str(tmp_path)):
+        result = bench.bench_pipeline()
+    assert asked == [3, 0] and result["workers"] == 3     # records, then the rows held in memory
+    assert result["speedup"] is None                      # records in 3 processes against originals in 1
 
 
 def test_prepare_reports_images_per_second_and_the_builds_peak_rss(tmp_path):
