@@ -233,9 +233,10 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array) ->
     The values of `flax.linen.dot_product_attention(..., force_fp32_for_softmax=True)` (scores
     and softmax in float32, the weights cast to the compute dtype for their product with v), with
     its own VJP so that every product, forward and backward, is a canonical batched `matmul`
-    product: on 2 Zen 4 cores a ViT-B/16 block's bfloat16 attention ran 5.7-6.0x faster forward
-    and 1.2-1.45x forward+backward than Flax's, whose products are cast to float32 and partly run
-    on Eigen (`python -m emonet_jax.bench attention`, BENCHMARKS.md "Attention on Zen 4"). The
+    product: on 2 Zen 4 cores a ViT-B/16 block's bfloat16 attention ran 1.2-1.5x faster
+    forward+backward than Flax's, whose backward products are cast to float32 and partly run on
+    Eigen; forward alone the two are level once Flax's result is cast to bfloat16 as a bfloat16
+    model does (`python -m emonet_jax.bench attention`, BENCHMARKS.md "Attention on Zen 4"). The
     backward keeps the bfloat16 weights (as the forward's product used them) and gets softmax's
     row sums Σ_k p·dp as Σ_d g·o, a sum over head_dim instead of over the keys. Shapes the fast
     path does not take (a single query, as in the MAP head, or every dimension below 8) go to
