@@ -3,7 +3,7 @@
     python -m emonet_jax.bench pipeline [--images=64 --batch=32 --steps=20 --threads=2 --workers=0]
     python -m emonet_jax.bench agreement [--hq_images=2500 --hq_models=14 --hq_cli_runs=3]
     python -m emonet_jax.bench heads [--variant=small --examples=20000 --epochs=3 --batch=256
-                                      --reference=.venv-torch/bin/python --heads_repeats=1]
+                                      --reference=.venv-torch/bin/python --heads_repeats=1 --heads_floor]
     python -m emonet_jax.bench peak [--dtype=float32 --peak_n=0]
     python -m emonet_jax.bench attention [--variant=B/16 --res=224 --batch=8 --steps=10 --dtype=bfloat16]
     python -m emonet_jax.bench train_step [--variant=B/16 --res=224 --batch=8 --steps=5 --warmup=1
@@ -41,7 +41,11 @@ it. `images_per_s` = examples x epochs / seconds. With `--reference=PYTHON` (a v
 heads trained one after another in plain PyTorch, same sizes, epochs, batch and threads, and
 reports `speedup` = reference seconds / ours. With `--heads_repeats=N` ours and the reference
 take turns N times; `seconds` (and the reference's) is the fastest run, `seconds_each` lists
-all, `speedup_each` the ratio of each pair.
+all, `speedup_each` the ratio of each pair. `--heads_floor` adds `floor`: the seconds no
+implementation with XLA's products and this optimizer could go below on this machine
+(`perf.heads_step_floor`: the first layer's two products and the optimizer's update, each timed
+alone, everything else free) and, with a reference, `speedup_cap` (`_each`), the reference's
+seconds over the floor's: the most any step could gain here.
 
 `--profile_top=N` (`heads`, `train_step`, XLA:CPU): after the timed runs, one more epoch (heads)
 or --steps steps (train_step) under `jax.profiler`, and `profile` in the JSON: the N op groups
@@ -118,6 +122,9 @@ flags.DEFINE_string("reference", "", "heads: a Python with torch (e.g. .venv-tor
                     "PyTorch baseline benchmarks/torch_heads.py and report the speedup.")
 flags.DEFINE_integer("heads_repeats", 1, "heads: timed runs of ours (and of the reference, alternating); "
                      "the fastest of each is reported, every run in `seconds_each`.")
+flags.DEFINE_bool("heads_floor", False, "heads: also measure the step's floor on this machine (perf.heads_step_floor: "
+                  "the first layer's products and the optimizer's update, each timed alone) and, with "
+                  "--reference, the speed-up it caps.")
 flags.DEFINE_integer("reference_threads", os.cpu_count(), "heads: torch.set_num_threads of the baseline.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "heads: the products' operand dtype (the config's default: bfloat16).")
@@ -369,6 +376,11 @@ def bench_heads() -> dict:
     if analysis:
         result["flops_per_step"] = analysis["flops"]
         result["flops_per_s"] = round(analysis["flops"] * steps / best["seconds"])
+    if FLAGS.heads_floor:
+        floor = perf.heads_step_floor(batch, dim, heads.NUM_HEADS * model.hidden[0], analysis and analysis["flops"],
+                                      tx, first_state["params"], FLAGS.compute_dtype)
+        result["floor"] = {**floor, "step_ms": round(floor["step_ms"], 3),
+                           "seconds": round(floor["step_ms"] * steps / 1e3, 3)}
     if FLAGS.profile_top:
         epoch = [(data, rows, valid) for rows, valid in heads_train.epoch_batches(n, batch, 0, 0, 0)]
         result["profile"] = perf.profile_steps(step, fresh_state(), epoch, FLAGS.profile_top)
@@ -380,6 +392,10 @@ def bench_heads() -> dict:
         result["cpu_speedup"] = round(min(r["cpu_seconds"] for r in references)
                                       / min(r["cpu_seconds"] for r in runs), 2)
         result["speedup_each"] = [round(r["seconds"] / o["seconds"], 2) for o, r in zip(runs, references)]
+        if "floor" in result:
+            # The most any step could gain here: the reference's time over the floor's.
+            result["speedup_cap"] = round(fastest["seconds"] / result["floor"]["seconds"], 2)
+            result["speedup_cap_each"] = [round(r["seconds"] / result["floor"]["seconds"], 2) for r in references]
     return result
 
 

@@ -8,6 +8,7 @@ preparing a split.
     result = perf.bench_attention("B/16", image_size=224, batch_size=8)  # one block's attention, ours vs Flax
     result = perf.bench_prepare(raw_dir, "hq", resolution=224, data_dir=empty_dir)   # parquet -> records
     profile = perf.profile_steps(compiled_step, state, [(batch,)] * 3)  # XLA:CPU's costliest ops
+    floor = perf.heads_step_floor(256, 1152, 40 * 128, flops, tx, params)  # the heads step's floor, ms
 
 `python -m emonet_jax.bench peak|attention|train_step|prepare` prints them as JSON (see bench.py).
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import functools
 import gzip
 import json
 import os
@@ -43,6 +45,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from emonet_jax import train
 from emonet_jax.data import builder, pipeline
@@ -106,6 +109,66 @@ def measure_peak_flops(n: int | None = None, dtype: str = "float32", repeats: in
     return {"peak_flops_per_s": 2 * n ** 3 * iterations / best, "matmul_n": n, "matmul_dtype": str(a.dtype),
             "matmul_iterations": iterations, "matmul_best_s": best, "device_kind": device.device_kind,
             "platform": device.platform}
+
+
+# --- the heads step's floor --------------------------------------------------------------------
+
+def heads_step_floor(batch: int, dim: int, first_width: int, step_flops: float | None, tx, params,
+                     dtype: str = "bfloat16", repeats: int = 5, calls: int = 10) -> dict:
+    """Milliseconds below which a step of the 40 heads cannot go on this device with XLA's
+    products and this optimizer, however the rest of it were written: what makes `bench heads`'
+    target reachable or not on a given machine (BENCHMARKS.md "Heads").
+
+    Three parts, each measured here alone (the best of `repeats` runs of `calls` calls):
+    - the first layer's two products at the step's shapes and dtype (float32 accumulation),
+      forward [batch, dim] x [dim, first_width] and kernel gradient [dim, batch] x
+      [batch, first_width], which hold nearly all of a Small step's FLOPs;
+    - the step's other FLOPs (`step_flops`, XLA's count, minus those two) at the rate the two
+      products reached: a lower bound, as the other products are smaller and run slower;
+    - the optimizer `tx` updating `params` (parameters and state donated, as in the step).
+    Dropout, ReLU, the loss, the casts and the small products' slowness count as free, so a
+    real step is slower than this."""
+    rng = np.random.default_rng(0)
+    x_t = jax.numpy.asarray(rng.standard_normal((dim, batch)), dtype)
+    x = jax.numpy.asarray(rng.standard_normal((batch, dim)), dtype)
+    kernel = jax.numpy.asarray(rng.standard_normal((dim, first_width)), dtype)
+    grad = jax.numpy.asarray(rng.standard_normal((batch, first_width)), dtype)
+    product = jax.jit(lambda a, b: mixed_precision.matmul(a, b, dtype))
+    forward_ms = _best_ms(lambda: product(x, kernel), repeats, calls)
+    kernel_grad_ms = _best_ms(lambda: product(x_t, grad), repeats, calls)
+    products_flops = 2 * (2 * batch * dim * first_width)
+    other_flops = max((step_flops or 0.0) - products_flops, 0.0)
+    other_ms = other_flops / products_flops * (forward_ms + kernel_grad_ms)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    grads = jax.tree.map(lambda p: jax.numpy.full_like(p, 1e-3), params)
+    state = [jax.tree.map(jax.numpy.copy, params), tx.init(params)]
+
+    def optimizer_step():
+        state[:] = update(*state, grads)
+        return state
+    optimizer_ms = _best_ms(optimizer_step, repeats, calls)
+    return {"first_layer_forward_ms": round(forward_ms, 3), "first_layer_kernel_grad_ms": round(kernel_grad_ms, 3),
+            "products_flops_per_s": round(products_flops / ((forward_ms + kernel_grad_ms) / 1e3)),
+            "other_flops": other_flops if step_flops is not None else None, "other_ms": round(other_ms, 3),
+            "optimizer_ms": round(optimizer_ms, 3), "step_ms": forward_ms + kernel_grad_ms + other_ms + optimizer_ms}
+
+
+def _best_ms(call: Callable[[], Any], repeats: int, calls: int) -> float:
+    """Milliseconds per `call()` (which dispatches jitted work): the best of `repeats` runs of `calls` calls."""
+    jax.block_until_ready(call())                          # compile and warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = call()
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e3
 
 
 # --- attention ---------------------------------------------------------------------------------

@@ -230,6 +230,40 @@ def test_heads_alternates_with_the_reference_and_reports_the_fastest_of_each(tmp
     assert result["flops_per_s"] == pytest.approx(result["flops_per_step"] * 2 / result["seconds"], rel=0.15)
 
 
+def test_heads_floor_adds_up_its_parts_and_caps_the_speedup(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho \'{"seconds": 30.0, "cpu_seconds": 60.0}\'\n')
+    fake.chmod(0o755)
+    with flagsaver.as_parsed(examples="512", epochs="1", batch="256", heads_floor="true", reference=str(fake),
+                             compute_dtype="bfloat16"):
+        result = bench.bench_heads()
+    floor = result["floor"]
+    parts = ("first_layer_forward_ms", "first_layer_kernel_grad_ms", "other_ms", "optimizer_ms")
+    assert all(floor[k] > 0 for k in parts), floor
+    assert floor["step_ms"] == pytest.approx(sum(floor[k] for k in parts), abs=0.01)
+    assert floor["seconds"] == pytest.approx(floor["step_ms"] * result["steps"] / 1e3, abs=0.002)
+    # The first layer's two products are [256, 1152] x [1152, 40 * 128] and its transposed twin.
+    products = 2 * 2 * 256 * 1152 * 40 * 128
+    assert floor["other_flops"] == result["flops_per_step"] - products > 0
+    assert floor["products_flops_per_s"] == pytest.approx(
+        products / (floor["first_layer_forward_ms"] + floor["first_layer_kernel_grad_ms"]) * 1e3, rel=0.01)
+    assert floor["other_ms"] == pytest.approx(floor["other_flops"] / floor["products_flops_per_s"] * 1e3, rel=0.01)
+    assert result["speedup_cap"] == pytest.approx(30.0 / floor["seconds"], rel=0.01)
+    assert result["speedup_cap_each"] == [result["speedup_cap"]]
+
+
+def test_heads_floor_times_the_optimizer_it_is_given():
+    """A costlier optimizer (AdamW over 10x the parameters) gives a larger optimizer part."""
+    import optax
+    times = []
+    for size in (100_000, 1_000_000):
+        floor = perf.heads_step_floor(8, 16, 16, None, optax.adamw(1e-3), {"w": jax.numpy.zeros((size,))},
+                                      "float32", repeats=3, calls=5)
+        assert floor["other_flops"] is None and floor["other_ms"] == 0
+        times.append(floor["optimizer_ms"])
+    assert times[1] > 2 * times[0], times
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="matches XLA:CPU's trace events to its instructions")
 def test_op_profile_names_the_costliest_ops_of_a_step():
     big, small = jax.numpy.ones((512, 512)), jax.numpy.ones((8, 8))
