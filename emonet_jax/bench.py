@@ -379,8 +379,7 @@ def bench_heads() -> dict:
     if FLAGS.heads_floor:
         floor = perf.heads_step_floor(batch, dim, heads.NUM_HEADS * model.hidden[0], analysis and analysis["flops"],
                                       tx, first_state["params"], FLAGS.compute_dtype)
-        result["floor"] = {**floor, "step_ms": round(floor["step_ms"], 3),
-                           "seconds": round(floor["step_ms"] * steps / 1e3, 3)}
+        result["floor"] = {**floor, "seconds": round(floor["step_ms"] * steps / 1e3, 3)}
     if FLAGS.profile_top:
         epoch = [(data, rows, valid) for rows, valid in heads_train.epoch_batches(n, batch, 0, 0, 0)]
         result["profile"] = perf.profile_steps(step, fresh_state(), epoch, FLAGS.profile_top)

@@ -115,16 +115,17 @@ def measure_peak_flops(n: int | None = None, dtype: str = "float32", repeats: in
 
 def heads_step_floor(batch: int, dim: int, first_width: int, step_flops: float | None, tx, params,
                      dtype: str = "bfloat16", repeats: int = 5, calls: int = 10) -> dict:
-    """Milliseconds below which a step of the 40 heads cannot go on this device with XLA's
-    products and this optimizer, however the rest of it were written: what makes `bench heads`'
-    target reachable or not on a given machine (BENCHMARKS.md "Heads").
+    """The floor of a step of the 40 heads on this device, `step_ms`: the milliseconds it cannot
+    go below with XLA's products and this optimizer, however the rest of it were written. It
+    tells whether `bench heads`' target is reachable on a given machine (BENCHMARKS.md "Heads").
 
     Three parts, each measured here alone (the best of `repeats` runs of `calls` calls):
     - the first layer's two products at the step's shapes and dtype (float32 accumulation),
       forward [batch, dim] x [dim, first_width] and kernel gradient [dim, batch] x
       [batch, first_width], which hold nearly all of a Small step's FLOPs;
     - the step's other FLOPs (`step_flops`, XLA's count, minus those two) at the rate the two
-      products reached: a lower bound, as the other products are smaller and run slower;
+      products reached: a lower bound, as the other products are smaller and run slower
+      (none where the backend gives no count, `step_flops=None`);
     - the optimizer `tx` updating `params` (parameters and state donated, as in the step).
     Dropout, ReLU, the loss, the casts and the small products' slowness count as free, so a
     real step is slower than this."""
@@ -155,7 +156,8 @@ def heads_step_floor(batch: int, dim: int, first_width: int, step_flops: float |
     return {"first_layer_forward_ms": round(forward_ms, 3), "first_layer_kernel_grad_ms": round(kernel_grad_ms, 3),
             "products_flops_per_s": round(products_flops / ((forward_ms + kernel_grad_ms) / 1e3)),
             "other_flops": other_flops if step_flops is not None else None, "other_ms": round(other_ms, 3),
-            "optimizer_ms": round(optimizer_ms, 3), "step_ms": forward_ms + kernel_grad_ms + other_ms + optimizer_ms}
+            "optimizer_ms": round(optimizer_ms, 3),
+            "step_ms": round(forward_ms + kernel_grad_ms + other_ms + optimizer_ms, 3)}
 
 
 def _best_ms(call: Callable[[], Any], repeats: int, calls: int) -> float:
