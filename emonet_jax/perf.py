@@ -99,13 +99,7 @@ def measure_peak_flops(n: int | None = None, dtype: str = "float32", repeats: in
         return mixed_precision.matmul(a, x, a.dtype).astype(a.dtype) if cpu else a @ x
 
     chain = jax.jit(lambda a: jax.lax.fori_loop(0, iterations, lambda _, x: product(a, x), a))
-    chain(a).block_until_ready()                            # compile and warm up
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        chain(a).block_until_ready()
-        seconds.append(time.perf_counter() - start)
-    best = min(seconds)
+    best = _best_ms(lambda: chain(a), repeats, calls=1) / 1e3
     return {"peak_flops_per_s": 2 * n ** 3 * iterations / best, "matmul_n": n, "matmul_dtype": str(a.dtype),
             "matmul_iterations": iterations, "matmul_best_s": best, "device_kind": device.device_kind,
             "platform": device.platform}
